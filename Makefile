@@ -34,8 +34,20 @@ test: $(STAMP) $(DEMO_MODEL)
 	-@$(MAKE) --no-print-directory $(QWEN_TOKENIZER) || echo "Qwen tokenizer not fetched: its tests will skip"
 	$(PY) -m pytest -q tests
 
+# The main job on the demo model: search at the size of llama.cpp's Q4_K_M, export F16, Q4_K_M (same imatrix)
+# and the mixed GGUF, then compare original vs Q4_K_M vs mixed (table + report under models/demo/report).
+DEMO := models/demo
 demo: $(STAMP) $(DEMO_MODEL)
-	$(PY) tools/bench_quantize.py --rows 1024 --cols 2048 --repeats 1
+	$(PY) mixed_precision_ptq.py --model_id $(DEMO_MODEL) --calib_file $(WIKI)/wiki.valid.tokens \
+	  --target_preset Q4_K_M --output $(DEMO)/mixed_precision_config.pt
+	$(PY) export_gguf_official.py --model_id $(DEMO_MODEL) --preset F16 --output $(DEMO)/smollm2-f16.gguf
+	$(PY) export_gguf_official.py --model_id $(DEMO_MODEL) --preset Q4_K_M \
+	  --imatrix $(DEMO)/mixed_precision_config.imatrix.gguf --output $(DEMO)/smollm2-q4_k_m.gguf
+	$(PY) export_gguf_official.py --model_id $(DEMO_MODEL) --config $(DEMO)/mixed_precision_config.pt \
+	  --output $(DEMO)/smollm2-mixed.gguf
+	$(PY) compare_three_models.py --model_id $(DEMO_MODEL) --q4km_path $(DEMO)/smollm2-q4_k_m.gguf \
+	  --mixed_path $(DEMO)/smollm2-mixed.gguf --eval_file $(WIKI)/wiki.test.tokens --max_tokens 48 \
+	  --report $(DEMO)/report
 
 clean-venv:
 	rm -rf $(VENV)

@@ -100,8 +100,9 @@ def load_config(path, info: gguf_plan.ModelInfo) -> dict:
 
 
 def save_config(path, info: gguf_plan.ModelInfo, tensor_types: dict, imatrix: dict | None = None,
-                imatrix_path: str | None = None) -> None:
-    """Write a config in load_config's format (checked first; temp file then rename)."""
+                imatrix_path: str | None = None, extra: dict | None = None) -> None:
+    """Write a config in load_config's format (checked first; temp file then rename). `extra` adds the
+    search's record (budget, measured KLD, history...): plain values only, so weights_only loading works."""
     import torch
     gguf_plan.plan_types(info, tensor_types)
     cfg = {"format_version": CONFIG_FORMAT_VERSION, "model_fingerprint": gguf_plan.model_fingerprint(info),
@@ -110,6 +111,8 @@ def save_config(path, info: gguf_plan.ModelInfo, tensor_types: dict, imatrix: di
         cfg["imatrix"] = {n: torch.as_tensor(v, dtype=torch.float32).reshape(-1) for n, v in imatrix.items()}
     if imatrix_path is not None:
         cfg["imatrix_path"] = str(imatrix_path)
+    for key, value in (extra or {}).items():
+        cfg.setdefault(key, value)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.part")
     torch.save(cfg, tmp)

@@ -1,0 +1,262 @@
+"""Present a comparison: an aligned table on stdout, generations side by side, and a report directory.
+
+The report directory holds results.json (settings, every measured number, generations), report.md (the table,
+the plots and the generations) and two PNG plots: kld_vs_size.png (mean KLD from the original against file
+size, every GGUF including extra llama.cpp presets) and speed.png (prompt-processing and decode tok/s). Every
+file is written under a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import unicodedata
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+MiB = 2**20
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _ppl(value) -> str:
+    """Perplexity with 3 decimals; scientific beyond 1e6 (an untrained or broken model)."""
+    return _num(value, ".3f" if value is None or value < 1e6 else ".3e")
+
+
+def _quality(r, key):
+    return (r.quality or {}).get(key)
+
+
+def _cell(section: str, key: str, fmt: str, scale: float = 1.0) -> Callable:
+    """Cell text of one measured value (result.quality or result.speed), scaled for display; "-" if absent."""
+    def text(r) -> str:
+        value = (getattr(r, section) or {}).get(key)
+        return _num(None if value is None else value * scale, fmt)
+    return text
+
+
+# (header, right-aligned, cell text of one ModelResult)
+COLUMNS: list[tuple[str, bool, Callable]] = [
+    ("model", False, lambda r: r.name),
+    ("size MiB", True, lambda r: _num(r.size_bytes / MiB, ",.1f")),
+    ("PPL", True, lambda r: _ppl(_quality(r, "ppl"))),
+    ("KLD mean", True, _cell("quality", "kld_mean", ".5f")),
+    ("KLD median", True, _cell("quality", "kld_median", ".5f")),
+    ("KLD p99", True, _cell("quality", "kld_p99", ".4f")),
+    ("top-1 %", True, _cell("quality", "top1_agree", ".2f", 100)),
+    ("load s", True, _cell("speed", "load_s", ".2f")),
+    ("pp tok/s", True, _cell("speed", "pp_tok_per_s", ",.1f")),
+    ("tg tok/s", True, _cell("speed", "tg_tok_per_s", ",.1f")),
+    ("peak RSS MiB", True, _cell("speed", "peak_rss_bytes", ",.0f", 1 / MiB)),
+    ("GPU MiB", True, _cell("speed", "gpu_mem_bytes", ",.0f", 1 / MiB)),
+    ("device", False, lambda r: r.device),
+]
+
+
+def table_cells(results) -> tuple[list[str], list[list[str]]]:
+    """Headers and one row of cell strings per model."""
+    return [c[0] for c in COLUMNS], [[cell(r) for _, _, cell in COLUMNS] for r in results]
+
+
+def format_table(results) -> str:
+    """The comparison as an aligned plain-text table."""
+    headers, rows = table_cells(results)
+    widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if right else c.ljust(w)
+                         for c, w, (_, right, _) in zip(cells, widths, COLUMNS)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(results) -> str:
+    """The comparison as a GitHub-flavoured markdown table."""
+    headers, rows = table_cells(results)
+    align = ["---:" if right else "---" for _, right, _ in COLUMNS]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [headers, align] + rows)
+
+
+def display_width(text: str) -> int:
+    """Terminal columns a string takes: East Asian wide and full-width characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def wrap_display(paragraph: str, width: int) -> list[str]:
+    """Greedy wrap by terminal columns (textwrap counts characters, which misaligns Chinese text), breaking
+    at the last space of a line when there is one."""
+    lines, line = [], ""
+    for ch in paragraph:
+        if display_width(line + ch) > width:
+            cut = line.rfind(" ")
+            lines.append(line[:cut] if cut > 0 else line)
+            line = line[cut + 1:] if cut > 0 else ""
+        line += ch
+    return lines + [line]
+
+
+def side_by_side(prompt: str, names: list[str], texts: list[str], width: int = 160) -> str:
+    """One prompt's answers in columns, one column per model, each wrapped to its share of `width`."""
+    gap = 3
+    col = max(20, (width - gap * (len(names) - 1)) // max(1, len(names)))
+    columns = []
+    for name, text in zip(names, texts):
+        lines = [name, "-" * min(col, max(display_width(name), 8))]
+        for paragraph in text.splitlines() or [""]:
+            lines.extend(wrap_display(paragraph.replace("\t", "    "), col))
+        columns.append(lines)
+
+    def cell(c, i):
+        text = c[i] if i < len(c) else ""
+        return text + " " * (col - display_width(text))
+
+    rows = [(" " * gap).join(cell(c, i) for c in columns).rstrip() for i in range(max(len(c) for c in columns))]
+    return f"prompt: {prompt}\n" + "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report files
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file in path's directory, with the permissions a plain open() would give (mkstemp's are
+    owner-only)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_savefig(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG through a temporary file."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot_kld_vs_size(results, path: Path) -> None:
+    """Mean KLD from the original against file size for every GGUF (log KLD axis); the original's own size
+    is a dashed line. Without any KLD (no cached original logits) perplexity is plotted instead."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ggufs = [r for r in results if r.kind == "gguf" and r.quality]
+    use_kld = any(_quality(r, "kld_mean") is not None for r in ggufs)
+    key, label = ("kld_mean", "mean KL divergence from the original (nats)") if use_kld else ("ppl", "perplexity")
+    labels: dict[tuple, list[str]] = {}  # models at the same point (e.g. one file given twice) share a label
+    for r in ggufs:
+        if _quality(r, key) is not None:
+            labels.setdefault((r.size_bytes / MiB, _quality(r, key)), []).append(r.name)
+    points = [(x, y, ", ".join(names)) for (x, y), names in labels.items()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for x, y, name in points:
+        ax.scatter([x], [y], s=30)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if use_kld and points and all(y > 0 for _, y, _ in points):
+        ax.set_yscale("log")
+    for r in results:
+        if r.kind == "transformers":
+            ax.axvline(r.size_bytes / MiB, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(f"{r.name} ({r.size_bytes / MiB:,.0f} MiB)", (r.size_bytes / MiB, 0.98),
+                        xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8)
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel(label)
+    ax.set_title(("KL divergence" if use_kld else "perplexity") + " vs file size")
+    ax.grid(True, which="both", alpha=0.3)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_speed(results, path: Path) -> None:
+    """Bars of prompt-processing and decode tok/s per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    measured = [r for r in results if r.speed]
+    names = [r.name for r in measured]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(names) + 1.8))
+    for ax, key, title in ((axes[0], "pp_tok_per_s", "prompt processing"), (axes[1], "tg_tok_per_s", "decode")):
+        values = [r.speed[key] for r in measured]
+        ax.barh(names, values, color="tab:blue")
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:,.1f}", (v, i), textcoords="offset points", xytext=(3, 0), va="center", fontsize=8)
+        ax.set_title(f"{title} (tok/s)")
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.invert_yaxis()
+        ax.margins(x=0.25)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>") or " "
+
+
+def report_markdown(results, prompts: list[str], texts: dict, settings: dict, notes: list[str]) -> str:
+    """report.md: settings, the table, the plots, notes and the generations side by side."""
+    lines = ["# Model comparison", "", "## Settings", ""]
+    lines += [f"- `{k}`: {v}" for k, v in settings.items()]
+    lines += ["", "## Results", "", markdown_table(results), ""]
+    lines += ["Quality: the second half of each evaluation window is scored (llama-perplexity's convention); "
+              "KLD is KL(original || model) per token.", ""]
+    if notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["![KLD vs file size](kld_vs_size.png)", "", "![speed](speed.png)", "", "## Generations (greedy)", ""]
+    names = [r.name for r in results]
+    for i, prompt in enumerate(prompts):
+        lines += [f"### {_md_cell(prompt)}", "", "| " + " | ".join(names) + " |",
+                  "| " + " | ".join("---" for _ in names) + " |",
+                  "| " + " | ".join(_md_cell(texts[n][i]) for n in names) + " |", ""]
+    return "\n".join(lines)
+
+
+def write_report(report_dir, results, prompts: list[str], texts: dict, settings: dict,
+                 notes: list[str]) -> list[Path]:
+    """Write results.json, report.md, kld_vs_size.png and speed.png into report_dir; returns their paths."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": settings, "notes": notes, "prompts": prompts,
+               "models": [{**asdict(r), "generations": texts[r.name]} for r in results]}
+    paths = [report_dir / n for n in ("results.json", "report.md", "kld_vs_size.png", "speed.png")]
+    atomic_write_text(paths[0], json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(paths[1], report_markdown(results, prompts, texts, settings, notes) + "\n")
+    plot_kld_vs_size(results, paths[2])
+    plot_speed(results, paths[3])
+    return paths
+
+
+def terminal_width() -> int:
+    """Width for side-by-side generations: the terminal's, at least 100 columns."""
+    return max(100, shutil.get_terminal_size((160, 40)).columns)

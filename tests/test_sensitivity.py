@@ -1,0 +1,252 @@
+"""Activation statistics, the imatrix GGUF and per-tensor sensitivity, on tiny Llama models built here,
+fed real WikiText tokens, with ggml's own quantizers."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import calib_stats  # noqa: E402
+import genetic_optim  # noqa: E402
+from quant_utils import fake_quantize  # noqa: E402
+
+WIKI = REPO.parent / "shared" / "data" / "wikitext-2"
+TOKENIZER_DIR = REPO / "models" / "smollm2-135m-instruct"
+SEQ_LEN = 64
+
+
+def tiny_llama(tied: bool, seed: int = 0):
+    """Two Llama blocks: rows of 64 (32-block types) and an FFN of 256 (K-quants fit down_proj)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=tied, initializer_range=0.08, rms_norm_eps=1e-5)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def windows():
+    """12 real-text windows of 64 tokens: 8 for statistics, 4 held out for the KLD."""
+    if not TOKENIZER_DIR.is_dir():
+        pytest.skip("demo model not built (make test builds it)")
+    from transformers import AutoTokenizer
+    import data_utils
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    ids = data_utils.get_calib_dataset(str(WIKI / "wiki.valid.tokens"), tokenizer, n_samples=12,
+                                       seq_len=SEQ_LEN, seed=0)
+    return ids[:8], ids[8:]
+
+
+@pytest.fixture(scope="module")
+def tied_setup(windows):
+    calib, holdout = windows
+    model = tiny_llama(tied=True)
+    stats = calib_stats.collect_statistics(model, calib, device="cpu", batch_size=3,
+                                           gram_product_dtype=torch.float64, gram_dtype=torch.float64,
+                                           progress=False)
+    return model, stats, holdout
+
+
+def linear_inputs(model, ids, names):
+    """Inputs of the named linears during one ordinary full-model forward (float64, [tokens, n_in])."""
+    captured, handles = {}, []
+    for name in names:
+        module = model.get_submodule(name.removesuffix(".weight"))
+        handles.append(module.register_forward_pre_hook(
+            lambda _m, args, name=name: captured.setdefault(name, []).append(args[0].detach())))
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double() for n, xs in captured.items()}
+
+
+def test_candidate_menus_fall_back_to_32_weight_blocks():
+    assert genetic_optim.candidate_types(576) == genetic_optim.BLOCK32_MENU
+    assert genetic_optim.candidate_types(1536) == genetic_optim.K_MENU
+    assert "Q4_0" in genetic_optim.candidate_types(64) and "Q4_K" not in genetic_optim.candidate_types(64)
+
+
+def test_gram_output_error_equals_measured_output_mse(tied_setup, windows):
+    """tr(dW H dW^T)/N from the block-by-block statistics equals the mean squared output change of the
+    quantized layer measured on the same tokens in an ordinary forward pass (float64)."""
+    model, stats, _ = tied_setup
+    calib, _ = windows
+    cases = {"model.layers.0.self_attn.k_proj.weight": "Q4_0",   # reads the q/k/v shared input
+             "model.layers.1.mlp.up_proj.weight": "IQ4_NL",      # reads the gate/up shared input
+             "model.layers.1.mlp.down_proj.weight": "Q3_K",
+             "lm_head.weight": "Q5_0"}                           # tied: the embedding matrix on normed states
+    inputs = linear_inputs(model, calib, list(cases))
+    for name, qtype in cases.items():
+        weight = model.get_submodule(name.removesuffix(".weight")).weight.detach()
+        new_weight = fake_quantize(weight, qtype, stats.imatrix(name))
+        gram, n_tokens = stats.gram_of(name)
+        err = genetic_optim.gram_output_error(weight, new_weight, gram)
+        energy = genetic_optim.gram_output_energy(weight, gram)
+        x = inputs[name]
+        dw = (new_weight.double() - weight.double())
+        measured_mse = (x @ dw.T).square().sum().item() / x.shape[0]
+        measured_energy = (x @ weight.double().T).square().sum().item() / x.shape[0]
+        assert n_tokens == x.shape[0] == calib.numel()
+        assert abs(err / n_tokens - measured_mse) / measured_mse < 1e-4, name
+        assert abs(energy / n_tokens - measured_energy) / measured_energy < 1e-4, name
+        # and the imatrix is llama.cpp's: mean squared input per channel
+        torch.testing.assert_close(stats.imatrix(name).double(), x.square().mean(0), rtol=1e-5, atol=0)
+
+
+def test_single_tensor_kld_is_zero_unquantized_and_grows_as_bits_fall(tied_setup):
+    model, stats, holdout = tied_setup
+    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    specs = {s.name: s for s in analyzer.tensors}
+    for name, ladder in {"model.layers.0.mlp.down_proj.weight": ("Q8_0", "Q4_K", "Q2_K"),
+                         "model.layers.1.self_attn.q_proj.weight": ("Q8_0", "Q5_0", "Q4_0"),
+                         "model.embed_tokens.weight": ("Q8_0", "Q5_0", "Q4_0")}.items():
+        weight = model.get_parameter(name).detach().clone()
+        assert analyzer.kld_mean({name: weight}) == 0.0, name
+        klds = [analyzer.kld_mean({name: analyzer.quantized_weight(specs[name], t)}) for t in ladder]
+        assert 0 < klds[0] < klds[1] < klds[2], (name, klds)
+
+
+def test_cached_tail_kld_matches_a_full_forward(tied_setup):
+    """Recomputing only from the perturbed block, batched, gives the KL of two ordinary forward passes."""
+    model, stats, holdout = tied_setup
+    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_batch_size=3,
+                                                      progress=False)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    spec = next(s for s in analyzer.tensors if s.name == name)
+    new_weight = analyzer.quantized_weight(spec, "Q4_0")
+    with torch.no_grad():
+        ref = torch.log_softmax(model(holdout).logits.double(), -1)
+        with genetic_optim.replaced_weights(model, {name: new_weight}):
+            quant = torch.log_softmax(model(holdout).logits.double(), -1)
+    direct = (ref.exp() * (ref - quant)).sum(-1).mean().item()
+    assert abs(analyzer.kld_mean({name: new_weight}) - direct) / direct < 1e-3
+
+
+def test_imatrix_gguf_round_trips_through_gguf_py(windows, tmp_path):
+    """An untied model: every block linear and output.weight, under GGUF names, read back by gguf-py."""
+    import gguf
+    calib, _ = windows
+    model = tiny_llama(tied=False, seed=1)
+    stats = calib_stats.collect_statistics(model, calib, device="cpu", batch_size=4, with_gram=False,
+                                           progress=False)
+    names = calib_stats.imatrix_entries(model, stats)
+    path = tmp_path / "tiny.imatrix.gguf"
+    calib_stats.write_imatrix_gguf(stats, names, path, datasets=["wiki.valid.tokens"], chunk_size=SEQ_LEN)
+
+    reader = gguf.GGUFReader(str(path))
+    assert reader.get_field("general.type").contents() == "imatrix"
+    assert reader.get_field("imatrix.datasets").contents() == ["wiki.valid.tokens"]
+    assert reader.get_field("imatrix.chunk_size").contents() == SEQ_LEN
+    assert reader.get_field("imatrix.chunk_count").contents() == calib.shape[0]
+    tensors = {t.name: t for t in reader.tensors}
+    expected = {"output.weight"} | {f"blk.{b}.{k}.weight" for b in range(2) for k in
+                                    ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    assert {n.removesuffix(".in_sum2") for n in tensors if n.endswith(".in_sum2")} == expected
+    assert len(tensors) == 2 * len(expected)
+    for hf_name, gguf_name in names.items():
+        sums = tensors[f"{gguf_name}.in_sum2"]
+        assert sums.tensor_type == gguf.GGMLQuantizationType.F32
+        assert list(sums.shape) == [stats.in_sum2[hf_name].numel(), 1]   # ggml ne: [n_in, n_mat]
+        assert torch.equal(torch.from_numpy(sums.data.reshape(-1).copy()), stats.in_sum2[hf_name].float())
+        assert float(tensors[f"{gguf_name}.counts"].data.reshape(-1)[0]) == calib.numel()
+
+
+def test_tied_head_has_no_imatrix_entry(tied_setup):
+    model, stats, _ = tied_setup
+    names = calib_stats.imatrix_entries(model, stats)
+    assert "output.weight" not in names.values() and "token_embd.weight" not in names.values()
+    assert len(names) == 14
+
+
+def test_interrupted_run_resumes_without_recomputing(tied_setup, tmp_path):
+    model, stats, holdout = tied_setup
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after(n):
+        seen = []
+
+        def on_entry(entry):
+            seen.append(entry)
+            if len(seen) == n:
+                raise Interrupted
+        return on_entry
+
+    def analyzer():
+        return genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, cache_dir=tmp_path, device="cpu",
+                                                      kld_types=("Q4_0", "Q4_K"), progress=False)
+
+    first = analyzer()
+    with pytest.raises(Interrupted):
+        first.run(on_entry=interrupt_after(25))
+    assert first.n_computed == 25
+    second = analyzer()
+    table = second.run()
+    n_pairs = sum(len(s.types) for s in second.tensors)
+    assert second.n_computed == n_pairs - 25
+    third = analyzer()
+    assert third.run().entries == table.entries and third.n_computed == 0
+    assert all(e["kld_pred"] is not None for e in table.entries)
+    assert all(e["kld_mean"] is not None for e in table.entries if e["type"] in ("Q4_0", "Q4_K"))
+
+
+def test_table_files_and_additivity_report(tied_setup, tmp_path):
+    model, stats, holdout = tied_setup
+    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_types="all",
+                                                      progress=False)
+    analyzer.tensors = analyzer.tensors[1:5]         # four block-0 linears keep it quick
+    table = analyzer.run()
+    pt_path, json_path = table.save(tmp_path / "sens")
+    loaded = torch.load(pt_path, weights_only=True)
+    assert loaded["kld_mean"].shape == (4, len(loaded["types"]))
+    assert not loaded["kld_mean"].isnan().any()
+    assert json.loads(json_path.read_text())["entries"] == table.entries
+    genetic_optim.plot_heatmap(table, tmp_path / "sens.png")
+    assert (tmp_path / "sens.png").stat().st_size > 1000
+    assignments = genetic_optim.random_assignments(table, 4, seed=0)
+    report = genetic_optim.additivity_report(analyzer, table, assignments)
+    assert len(report["measured"]) == 4 and all(m > 0 for m in report["measured"])
+    assert -1.0 <= report["spearman"] <= 1.0
+    assert genetic_optim.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert genetic_optim.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+
+
+def test_statistics_save_and_load_with_weights_only(tied_setup, tmp_path):
+    _, stats, _ = tied_setup
+    calib_stats.save_statistics(stats, tmp_path / "stats.pt")
+    loaded = calib_stats.load_statistics(tmp_path / "stats.pt")
+    assert loaded.counts == stats.counts and loaded.gram_key == stats.gram_key
+    for name in stats.in_sum2:
+        assert torch.equal(loaded.in_sum2[name], stats.in_sum2[name])
+
+
+def test_stacked_block_klds_equal_one_at_a_time(tied_setup):
+    """Several perturbations of one block run as one stacked batch give each one's own KLD."""
+    model, stats, holdout = tied_setup
+    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_batch_size=2,
+                                                      kld_stack=3, progress=False)
+    specs = [s for s in analyzer.tensors if s.block == 0]
+    variants = [{s.name: analyzer.quantized_weight(s, "Q4_0")} for s in specs[:4]]
+    variants.append({specs[0].name: model.get_parameter(specs[0].name).detach().clone()})
+    stacked = analyzer.kld_means_in_block(0, variants)
+    single = [analyzer.kld_mean(v) for v in variants]
+    for a, b in zip(stacked[:4], single[:4]):
+        assert abs(a - b) / b < 1e-4
+    assert single[4] == 0.0 and abs(stacked[4]) < 1e-9
+
+
+def test_error_inversions_flag_a_tensor_for_full_kld_measurement():
+    def entry(tensor, qtype, bits, err):
+        return {"tensor": tensor, "type": qtype, "bits_per_weight": bits, "rel_out_err": err}
+    regular = [entry("a", "Q2_K", 2.6, 4e-2), entry("a", "Q4_K", 4.5, 3e-3), entry("a", "Q6_K", 6.6, 2e-4)]
+    inverted = [entry("b", "Q2_K", 2.6, 8e-5), entry("b", "Q3_K", 3.4, 3e-3), entry("b", "Q4_K", 4.5, 5e-6)]
+    assert genetic_optim.irregular_tensors(regular + inverted) == {"b"}
