@@ -544,7 +544,8 @@ def main(argv=None) -> None:
     add_data_args(parser)
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward call")
     parser.add_argument("--gram_samples", type=int, default=None, help="windows summed into the Grams (all)")
-    parser.add_argument("--no_gram", action="store_true", help="collect only the imatrix (no Grams)")
+    parser.add_argument("--with_gram", action="store_true",
+                        help="also collect and save the input Gram matrices (large: hidden^2 floats per input)")
     parser.add_argument("--output", default="calib_stats.pt", help="statistics file (torch, weights_only)")
     parser.add_argument("--imatrix", default=None, help="also write a llama.cpp imatrix GGUF here")
     args = parser.parse_args(argv)
@@ -555,7 +556,7 @@ def main(argv=None) -> None:
         source = args.calib_file or args.calib_dataset
         ids = data_utils.get_calib_dataset(source, tokenizer, args.n_samples, args.seq_len, args.seed,
                                            chat=args.calib_chat)
-        stats = collect_statistics(model, ids, args.device, args.batch_size, with_gram=not args.no_gram,
+        stats = collect_statistics(model, ids, args.device, args.batch_size, with_gram=args.with_gram,
                                    gram_samples=args.gram_samples)
         stats.meta["source"] = data_utils.describe_source(source)
         save_statistics(stats, args.output)

@@ -36,8 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--kld_types", default=",".join(genetic_optim.DEFAULT_KLD_TYPES),
                         help="types whose KLD is measured (comma list), 'all', or 'none'")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward call (statistics)")
-    parser.add_argument("--cache_dir", default="cache/sensitivity", help="resumable per-tensor results")
-    parser.add_argument("--output", default="out/sensitivity", help="output path prefix")
+    parser.add_argument("--cache_dir", default="models/cache/sensitivity", help="resumable per-tensor results")
+    parser.add_argument("--output", default="models/sensitivity/sensitivity", help="output path prefix")
     parser.add_argument("--additivity", type=int, default=0, help="random mixed assignments to check")
     parser.add_argument("--additivity_file", default=None,
                         help="measure the assignments on this text's first 8 windows instead of the held-out ones")
