@@ -46,7 +46,7 @@ demo: $(STAMP) $(DEMO_MODEL)
 	$(PY) export_gguf_official.py --model_id $(DEMO_MODEL) --config $(DEMO)/mixed_precision_config.pt \
 	  --output $(DEMO)/smollm2-mixed.gguf
 	$(PY) compare_three_models.py --model_id $(DEMO_MODEL) --q4km_path $(DEMO)/smollm2-q4_k_m.gguf \
-	  --mixed_path $(DEMO)/smollm2-mixed.gguf --eval_file $(WIKI)/wiki.test.tokens --max_tokens 48 \
+	  --mixed_path $(DEMO)/smollm2-mixed.gguf --eval_file $(WIKI)/wiki.test.tokens --n_windows 16 --max_tokens 48 \
 	  --report $(DEMO)/report
 
 clean-venv:

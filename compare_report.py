@@ -33,9 +33,12 @@ def _quality(r, key):
 
 
 def _cell(section: str, key: str, fmt: str, scale: float = 1.0) -> Callable:
-    """Cell text of one measured value (result.quality or result.speed), scaled for display; "-" if absent."""
+    """Cell text of one measured value (result.quality or result.speed), scaled for display; "-" if absent.
+    Fixed-point values too small to show a digit (an F32 GGUF's KLD, ~1e-7) are written in scientific form."""
     def text(r) -> str:
         value = (getattr(r, section) or {}).get(key)
+        if section == "quality" and value is not None and 0 < abs(value * scale) < 10 ** -int(fmt[-2]):
+            return format(value * scale, ".1e")
         return _num(None if value is None else value * scale, fmt)
     return text
 

@@ -16,7 +16,7 @@ How it is measured (details in eval_utils.py):
 - GGUFs run through llama-cpp-python with every layer on the GPU when the build supports offload. Speed is
   llama-bench's pp/tg shape (--pp_tokens in one batch, --tg_tokens single-token decodes, both from an empty
   cache, median of --speed_runs after a warm-up). Each model is measured in its own spawned process, so peak
-  RSS (ru_maxrss, read after the speed runs) is that model's; GPU memory is nvidia-smi's used memory after the
+  RSS (VmHWM, read after the speed runs) is that model's; GPU memory is nvidia-smi's used memory after the
   speed runs minus before loading (CUDA context included). llama.cpp maps the file (mmap): its load time
   excludes paging weights in (the warm-up run does that), and RSS counts the mapped pages it touched, also
   when the weights were then copied to the GPU.

@@ -522,7 +522,16 @@ def median_seconds(fn: Callable[[], None], runs: int) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process image so far.
+
+    Linux: VmHWM from /proc/self/status, because ru_maxrss survives fork and exec, so a spawned child would
+    report at least its parent's resident size. Elsewhere: ru_maxrss (bytes on macOS, KiB on other Unixes).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
