@@ -913,12 +913,6 @@ class MixedPrecisionGA:
 # Measured fitness: end-to-end KLD of a whole assignment
 # ---------------------------------------------------------------------------------------------------------
 
-def quantizer_imatrix_by_name(analyzer: LayerSensitivityAnalyzer, name: str) -> torch.Tensor | None:
-    """The imatrix the quantizer (and so the exporter) uses for tensor `name`."""
-    spec = next(s for s in analyzer.tensors if s.name == name)
-    return quantizer_imatrix(spec, analyzer.stats)
-
-
 class AssignmentEvaluator:
     """Mean KLD of the model with every tensor fake-quantized as an assignment says, on held-out windows.
 

@@ -281,8 +281,8 @@ def main(argv=None) -> None:
             "ga": {"pop": args.ga_pop, "generations": args.ga_gen, "seed": args.seed, "history": result.history},
             "seconds": seconds,
         }
-        imatrix = {n: analyzer_imatrix for n in final_types
-                   if (analyzer_imatrix := go.quantizer_imatrix_by_name(analyzer, n)) is not None}
+        imatrix = {spec.name: vec for spec in analyzer.tensors
+                   if (vec := go.quantizer_imatrix(spec, analyzer.stats)) is not None}
         save_config(out, info, final_types, imatrix=imatrix, imatrix_path=str(imatrix_path), extra=record)
         write_json({**record, "tensor_types": final_types,
                     "imatrix_path": str(imatrix_path)}, out.with_suffix(".json"))
