@@ -201,6 +201,20 @@ def plan_from_preset(info, preset: str, imatrix=None) -> ExportPlan:
     return ExportPlan(info, stored, int(gguf_plan.PRESETS[preset.upper()].file_type), fallbacks, imatrix)
 
 
+def plan_from_config(info, cfg: dict, imatrix_path=None) -> ExportPlan:
+    """The plan for a search config: its types (with fallbacks) and the imatrix it carries, or the imatrix
+    GGUF at `imatrix_path` instead (test_mixed_precision.py simulates exactly this plan)."""
+    if imatrix_path:
+        imatrix = load_imatrix(imatrix_path, info)
+    elif cfg.get("imatrix") is not None:
+        imatrix = imatrix_from_config(cfg, info)
+    elif cfg.get("imatrix_path"):
+        imatrix = load_imatrix(cfg["imatrix_path"], info)
+    else:
+        imatrix = None
+    return plan_from_types(info, cfg["tensor_types"], imatrix)
+
+
 def _permute_rows(w, n_head: int):
     """convert_hf_to_gguf's LlamaModel.permute: HF's rotate-half row order to llama.cpp's interleaved pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -377,18 +391,10 @@ def main(argv=None) -> None:
             raise ExportError("pass either --preset or --config, not both")
         model_dir, name = resolve_model_dir(args.model_id)
         info = gguf_plan.load_model_info(model_dir, name=name)
-        cfg = None if args.preset else load_config(args.config, info)
-        imatrix = None
-        if args.imatrix:
-            imatrix = load_imatrix(args.imatrix, info)
-        elif cfg is not None and cfg.get("imatrix") is not None:
-            imatrix = imatrix_from_config(cfg, info)
-        elif cfg is not None and cfg.get("imatrix_path"):
-            imatrix = load_imatrix(cfg["imatrix_path"], info)
         if args.preset:
-            plan = plan_from_preset(info, args.preset, imatrix)
+            plan = plan_from_preset(info, args.preset, load_imatrix(args.imatrix, info) if args.imatrix else None)
         else:
-            plan = plan_from_types(info, cfg["tensor_types"], imatrix)
+            plan = plan_from_config(info, load_config(args.config, info), args.imatrix)
         output = write_gguf(plan, args.output)
     except (ExportError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

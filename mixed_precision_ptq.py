@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     calib_stats.add_data_args(p)
     p.add_argument("--kld_samples", type=int, default=4, help="held-out windows for single-tensor KLDs")
     p.add_argument("--kld_seq_len", type=int, default=128, help="tokens per held-out window (sensitivity)")
-    p.add_argument("--measure_samples", type=int, default=4,
+    p.add_argument("--measure_samples", type=int, default=8,
                    help="held-out windows of --seq_len tokens for the GA's measured KLD")
     p.add_argument("--gram_samples", type=int, default=32, help="calibration windows summed into the Grams")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward call")
@@ -282,7 +282,7 @@ def main(argv=None) -> None:
             "seconds": seconds,
         }
         imatrix = {spec.name: vec for spec in analyzer.tensors
-                   if (vec := go.quantizer_imatrix(spec, analyzer.stats)) is not None}
+                   if (vec := analyzer.imatrix_of(spec)) is not None}
         save_config(out, info, final_types, imatrix=imatrix, imatrix_path=str(imatrix_path), extra=record)
         write_json({**record, "tensor_types": final_types,
                     "imatrix_path": str(imatrix_path)}, out.with_suffix(".json"))

@@ -166,6 +166,23 @@ def test_tied_head_has_no_imatrix_entry(tied_setup):
     assert len(names) == 14
 
 
+def test_tied_embedding_is_quantized_with_the_head_imatrix(tied_setup, windows):
+    """The imatrix GGUF leaves a tied head out (as llama-imatrix does), but our own quantization of the tied
+    embedding weights its columns by the final hidden state's energy; an untied embedding, a pure lookup,
+    gets none."""
+    model, stats, holdout = tied_setup
+    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    embed = next(s for s in analyzer.tensors if s.is_embedding)
+    assert embed.feeds_logits
+    head_imatrix = stats.imatrix(calib_stats.output_weight_name(model))
+    assert torch.equal(analyzer.imatrix_of(embed), head_imatrix)
+    assert head_imatrix.std() > 0.1 * head_imatrix.mean()      # not uniform: the weighting changes the result
+    weight = model.get_input_embeddings().weight.detach()
+    assert not torch.equal(analyzer.quantized_weight(embed, "Q4_0"), fake_quantize(weight, "Q4_0"))
+    untied = genetic_optim.quantizable_tensors(tiny_llama(tied=False))
+    assert genetic_optim.quantizer_imatrix(untied[0], stats, "lm_head.weight") is None
+
+
 def test_interrupted_run_resumes_without_recomputing(tied_setup, tmp_path):
     model, stats, holdout = tied_setup
 

@@ -1,0 +1,181 @@
+"""Simulated quantization: the original model with a config's fake quantization, checked against the exported GGUF.
+
+Every tensor the config assigns a type is replaced, in the transformers model, by its round trip through
+ggml's own quantizer with the plan export_gguf_official.py writes (same types and fallbacks, same imatrix):
+the values the GGUF holds, computed in float32 by PyTorch. The script measures that simulated model on the
+evaluation windows (perplexity, KLD against the original, top-1 agreement, the same conventions and cached
+reference as compare_real_quant.py) and answers the prompts greedily. With --gguf_path it measures the exported
+GGUF through llama.cpp on the same windows and prompts and exits with status 1 unless the two mean KLDs agree
+within --tolerance (5%): the proof that what the search simulated is what ships.
+
+    python test_mixed_precision.py --model_id models/smollm2-135m-instruct \\
+        --config models/demo/mixed_precision_config.pt --gguf_path models/demo/smollm2-mixed.gguf \\
+        --eval_file ../shared/data/wikitext-2/wiki.test.tokens --n_windows 16
+
+Where they can differ: llama.cpp's CPU kernels multiply quantized weights by activations rounded to 8 bits
+(Q8_0/Q8_K) and run attention in F16 with flash attention; PyTorch multiplies the dequantized weights in
+float32. On the demo model that moves the mean KLD by about 1% (see README).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+import compare_report
+import eval_utils
+import gguf_plan
+from eval_utils import CompareError
+from export_gguf_official import ExportError, load_config, plan_from_config, resolve_model_dir
+from quant_utils import dequantize, get_type, quantize
+
+DEFAULTS = {"model_id": "Qwen/Qwen2.5-7B-Instruct", "config": "mixed_precision_config.pt",
+            "n_windows": 16, "max_tokens": 48, "tolerance": 0.05}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_id", default=DEFAULTS["model_id"], help="original model: HF id or local directory")
+    parser.add_argument("--config", default=DEFAULTS["config"], help="mixed-precision config from the search")
+    parser.add_argument("--imatrix", default=None, metavar="PATH",
+                        help="imatrix GGUF overriding the config's (pass what export_gguf_official.py got)")
+    parser.add_argument("--gguf_path", default=None,
+                        help="the GGUF exported from this config: measured too, and the KLDs must agree")
+    parser.add_argument("--tolerance", type=float, default=DEFAULTS["tolerance"],
+                        help="largest relative difference of the mean KLDs (simulated vs GGUF)")
+    eval_utils.add_measurement_args(parser)
+    parser.set_defaults(n_windows=DEFAULTS["n_windows"], max_tokens=DEFAULTS["max_tokens"])
+    return parser.parse_args(argv)
+
+
+def fake_quantized_weights(plan, model) -> dict:
+    """{hf_name: float32 tensor} of every quantized 2-D weight as the GGUF stores it: quantized and decoded by
+    ggml with the plan's stored type and imatrix. Rows are quantized independently, so HF's row order (before
+    the exporter's q/k permutation for Llama) gives the same values."""
+    import torch
+    imatrix = plan.imatrix or {}
+    out = {}
+    for name, qtype in plan.tensor_types.items():
+        if get_type(qtype).name == "F32":
+            continue
+        weight = model.get_parameter(name).detach().float().cpu()
+        raw = quantize(weight, qtype, None if get_type(qtype).is_float else imatrix.get(name))
+        out[name] = torch.from_numpy(dequantize(raw, qtype, tuple(weight.shape)))
+    return out
+
+
+def check_gguf_follows_plan(gguf_path, plan) -> None:
+    """Refuse a GGUF whose tensor types are not the ones this config exports to (another config or preset)."""
+    import gguf
+    found = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    diffs = [(spec.gguf_name, found.get(spec.gguf_name), plan.stored_types[spec.hf_name])
+             for spec in plan.info.tensors if found.get(spec.gguf_name) != plan.stored_types[spec.hf_name]]
+    if diffs:
+        name, got, want = diffs[0]
+        raise CompareError(f"{gguf_path} was not exported from this config: {len(diffs)} tensors differ "
+                           f"(e.g. {name} is {got}, the config gives {want})")
+
+
+def measure_simulated(model_dir: Path, plan, windows, reference, prompt_ids, stop_ids, settings):
+    """Quality and greedy generations of the original with the plan's fake quantization, in float32."""
+    import torch
+    import genetic_optim
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(settings.n_threads)
+    device = eval_utils.transformers_device(settings.device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    weights = fake_quantized_weights(plan, model)
+    model.to(device)
+    with genetic_optim.replaced_weights(model, {n: w.to(device) for n, w in weights.items()}):
+        quality = eval_utils.evaluate_quality(eval_utils.transformers_logits_fn(model), windows, reference,
+                                              settings.progress, desc="simulated")
+        generations = [eval_utils.transformers_greedy(model, ids, settings.max_tokens, stop_ids)
+                       for ids in prompt_ids]
+    return quality, generations, f"transformers {device} float32"
+
+
+def measure_gguf(path, windows, reference, prompt_ids, stop_ids, settings):
+    """Quality and greedy generations of the GGUF through llama.cpp (same windows, same prompts)."""
+    longest = max([len(p) for p in prompt_ids] + [0]) + settings.max_tokens
+    llm = eval_utils.open_llama(path, max(settings.seq_len, longest), 512, True, settings.n_threads)
+    try:
+        quality = eval_utils.evaluate_quality(eval_utils.llama_logits_fn(llm), windows, reference,
+                                              settings.progress, desc="GGUF")
+        generations = [eval_utils.llama_greedy(llm, ids, settings.max_tokens, stop_ids) for ids in prompt_ids]
+    finally:
+        llm.close()
+    return quality, generations
+
+
+def relative_difference(a: float, b: float) -> float:
+    """|a - b| relative to b (the GGUF's, what ships)."""
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def format_rows(rows: list[tuple[str, object]]) -> str:
+    """Aligned table of (name, Quality) rows."""
+    lines = [f"{'model':<11} {'PPL':>9} {'KLD mean':>10} {'KLD median':>11} {'KLD p99':>9} {'same top-1':>11}"]
+    for name, q in rows:
+        lines.append(f"{name:<11} {q.ppl:>9.3f} {q.kld_mean:>10.5f} {q.kld_median:>11.5f} {q.kld_p99:>9.4f} "
+                     f"{100 * q.top1_agree:>10.2f}%")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    for key, value in vars(args).items():
+        print(f"{key:<16} {value}")
+    try:
+        settings = eval_utils.settings_from_args(args)
+        original = eval_utils.load_original(args.model_id)
+        model_dir, name = resolve_model_dir(str(original.model_dir))
+        info = gguf_plan.load_model_info(model_dir, name=name)
+        plan = plan_from_config(info, load_config(args.config, info), args.imatrix)
+        if args.gguf_path is not None:
+            if not Path(args.gguf_path).is_file():
+                raise CompareError(f"--gguf_path {args.gguf_path} not found; make it with: python "
+                                   f"export_gguf_official.py --model_id {args.model_id} --config {args.config} "
+                                   f"--output {args.gguf_path}")
+            eval_utils.check_gguf_matches_model(args.gguf_path, original.model_dir, original.tokenizer)
+            check_gguf_follows_plan(args.gguf_path, plan)
+        windows = eval_utils.load_eval_windows(args.eval_file, original.tokenizer, settings.seq_len,
+                                               settings.n_windows)
+        prompts = eval_utils.load_prompts(args.prompts)
+        prompt_ids = [eval_utils.chat_prompt_ids(original.tokenizer, p) for p in prompts]
+        stop_ids = eval_utils.stop_token_ids(original.tokenizer, original.model_dir)
+
+        reference = eval_utils.reference_for_model(original.model_dir, windows, settings)
+        simulated, simulated_ids, device = measure_simulated(original.model_dir, plan, windows, reference,
+                                                             prompt_ids, stop_ids, settings)
+        rows, texts = [("simulated", simulated)], {"simulated": simulated_ids}
+        if args.gguf_path is not None:
+            shipped, texts["GGUF"] = measure_gguf(args.gguf_path, windows, reference, prompt_ids, stop_ids,
+                                                  settings)
+            rows.append(("GGUF", shipped))
+    except (CompareError, ExportError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+    print(f"\nsimulated on {device}; GGUF on {eval_utils.describe_devices(settings).split('; ')[1]}; "
+          f"{len(windows)} windows of {settings.seq_len} tokens")
+    print(format_rows(rows))
+    width = compare_report.terminal_width()
+    for i, prompt in enumerate(prompts):
+        print()
+        print(compare_report.side_by_side(prompt, list(texts), [original.tokenizer.decode(
+            texts[n][i], skip_special_tokens=True) for n in texts], width))
+    if args.gguf_path is None:
+        return
+    diff = relative_difference(simulated.kld_mean, shipped.kld_mean)
+    same_answers = sum(a == b for a, b in zip(texts["simulated"], texts["GGUF"]))
+    verdict = "agree" if diff <= args.tolerance else "DISAGREE"
+    print(f"\nmean KLD simulated {simulated.kld_mean:.5f} vs GGUF {shipped.kld_mean:.5f}: {100 * diff:.2f}% apart, "
+          f"tolerance {100 * args.tolerance:.1f}%: {verdict}; identical greedy answers {same_answers}/{len(prompts)}")
+    if diff > args.tolerance:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
