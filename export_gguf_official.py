@@ -21,6 +21,7 @@ import numpy as np
 import gguf_plan
 import quant_utils
 from quant_utils import get_type
+from smoothing import Smoothing, transform_tensor
 
 DEFAULTS = {
     "model_id": "Qwen/Qwen2.5-7B-Instruct",
@@ -96,7 +97,22 @@ def load_config(path, info: gguf_plan.ModelInfo) -> dict:
         gguf_plan.plan_types(info, cfg["tensor_types"])
     except ValueError as exc:
         raise ExportError(f"config {path}: {exc}") from None
+    check_smoothing(cfg.get("smoothing"), info, path)
     return cfg
+
+
+def check_smoothing(record: dict | None, info: gguf_plan.ModelInfo, path) -> None:
+    """A config's smoothing must name tensors of this model with vectors of the right length."""
+    if not record:
+        return
+    shapes = {t.hf_name: t.shape for t in info.tensors}
+    for part, axis in (("columns", 1), ("rows", 0)):
+        for name, vec in record.get(part, {}).items():
+            if name not in shapes:
+                raise ExportError(f"config {path}: smoothing names {name}, which this model does not have")
+            if axis >= len(shapes[name]) or len(vec) != shapes[name][axis]:
+                raise ExportError(f"config {path}: smoothing {part} of {name} has {len(vec)} values for a tensor "
+                                  f"of shape {list(shapes[name])}")
 
 
 def save_config(path, info: gguf_plan.ModelInfo, tensor_types: dict, imatrix: dict | None = None,
@@ -183,6 +199,7 @@ class ExportPlan:
     file_type: int                     # general.file_type (llama_ftype)
     fallbacks: list = field(default_factory=list)   # (hf_name, asked, stored)
     imatrix: dict | None = None        # hf_name -> float32 per-column importance
+    smoothing: Smoothing = field(default_factory=Smoothing)   # exact rescaling applied to the tensors first
 
     @property
     def tensor_types(self) -> dict:
@@ -212,7 +229,9 @@ def plan_from_config(info, cfg: dict, imatrix_path=None) -> ExportPlan:
         imatrix = load_imatrix(cfg["imatrix_path"], info)
     else:
         imatrix = None
-    return plan_from_types(info, cfg["tensor_types"], imatrix)
+    plan = plan_from_types(info, cfg["tensor_types"], imatrix)
+    plan.smoothing = Smoothing.from_dict(cfg.get("smoothing"))
+    return plan
 
 
 def _permute_rows(w, n_head: int):
@@ -247,11 +266,13 @@ def _read_float32(src: gguf_plan.SourceTensor, name: str):
         return f.get_tensor(name).float()
 
 
-def tensor_values(info, spec: gguf_plan.TensorSpec) -> np.ndarray:
-    """The float32 values of one GGUF tensor, in the row order llama.cpp expects."""
+def tensor_values(info, spec: gguf_plan.TensorSpec, smoothing: Smoothing | None = None) -> np.ndarray:
+    """The float32 values of one GGUF tensor (after the config's smoothing), in the row order llama.cpp expects."""
     if spec.kind == gguf.MODEL_TENSOR.ROPE_FREQS:
         return _llama3_rope_factors(info)
     w = _read_float32(info.sources[spec.hf_name], spec.hf_name)
+    if smoothing is not None:
+        w = transform_tensor(spec.hf_name, w, smoothing)
     if info.spec.permute_qk:
         if spec.hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _permute_rows(w, info.n_heads)
@@ -317,7 +338,7 @@ def write_gguf(plan: ExportPlan, output, progress: bool = True) -> Path:
                 qtype = plan.stored_types[spec.hf_name]
                 bar.set_postfix_str(f"{spec.gguf_name} {qtype}", refresh=False)
                 try:
-                    values = tensor_values(info, spec)
+                    values = tensor_values(info, spec, plan.smoothing)
                     data = encode_tensor(values, qtype, (plan.imatrix or {}).get(spec.hf_name))
                 except (ValueError, RuntimeError) as exc:
                     raise ExportError(f"tensor {spec.gguf_name} ({spec.hf_name}) as {qtype}: {exc}") from None
@@ -349,6 +370,9 @@ def summary_table(plan: ExportPlan, output: Path) -> str:
         lines.append(f"{qtype:<8} {n:>8} {weights:>14,} {size / 2**20:>10.2f} {8 * size / weights:>12.3f}")
     n_t, weights, size = (sum(r[i] for r in rows.values()) for i in range(3))
     lines.append(f"{'total':<8} {n_t:>8} {weights:>14,} {size / 2**20:>10.2f} {8 * size / weights:>12.3f}")
+    if not plan.smoothing.is_identity():
+        lines.append(f"smoothing ({plan.smoothing.mode}): {len(plan.smoothing.alpha)} input groups rescaled, "
+                     f"{len(plan.smoothing.columns)} weights' columns, {len(plan.smoothing.rows)} producers folded")
     file_size = os.path.getsize(output)
     lines.append(f"file {output}: {file_size:,} bytes ({file_size / 2**30:.3f} GiB)")
     if plan.fallbacks:

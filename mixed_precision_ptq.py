@@ -28,6 +28,7 @@ import data_utils
 import genetic_optim as go
 import gguf_plan
 import quant_utils
+import smoothing
 from export_gguf_official import ExportError, resolve_model_dir, save_config
 
 # llama.cpp presets offered to the GA as seeds and used as the uniform baseline at the budget.
@@ -62,8 +63,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out windows of --seq_len tokens for the GA's measured KLD")
     p.add_argument("--gram_samples", type=int, default=32, help="calibration windows summed into the Grams")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward call")
+    p.add_argument("--smooth", default="off", type=smooth_mode,
+                   help="SmoothQuant-style exact rescaling before quantization: off, auto (strength searched per "
+                        "block, kept only where it lowers the output error) or a fixed strength in (0, 1)")
     p.add_argument("--cache_dir", default="models/cache", help="statistics and sensitivity cache (resumable)")
     return p.parse_args(argv)
+
+
+def smooth_mode(text: str) -> str:
+    """off | auto | a strength strictly between 0 and 1."""
+    if text in ("off", "auto"):
+        return text
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = -1.0
+    if not 0 < alpha < 1:
+        raise argparse.ArgumentTypeError(f"--smooth takes off, auto or a number in (0, 1), not {text!r}")
+    return str(alpha)
 
 
 def parse_size(text: str) -> int:
@@ -166,6 +183,13 @@ def convergence_plot(history: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def smoothing_summary(smooth: smoothing.Smoothing, records: list[dict]) -> dict:
+    """The JSON twin's view of the smoothing: mode, strength per group, and per type the geometric-mean ratio
+    of output error smoothed / unscaled over the groups searched (< 1: it helps that type)."""
+    return {"mode": smooth.mode, "alpha": smooth.alpha, "groups_rescaled": len(smooth.alpha),
+            "error_ratio_by_type": smoothing.type_gains(records)}
+
+
 def write_json(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -223,6 +247,13 @@ def main(argv=None) -> None:
         seconds["statistics"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        menus = {spec.name: spec.types for spec in go.quantizable_tensors(model)}
+        smooth, smooth_records = smoothing.search_smoothing(model, stats, menus, args.smooth)
+        smoothing.apply_to_model(model, smooth)
+        smoothing.apply_to_statistics(stats, smooth)
+        seconds["smoothing"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         analyzer = go.LayerSensitivityAnalyzer(model, stats, holdout_ids, cache_dir=Path(args.cache_dir) /
                                                "sensitivity", device=args.device)
         table = analyzer.run()
@@ -278,13 +309,14 @@ def main(argv=None) -> None:
             "tensor_damage_predicted": damage,
             "calibration": {"source": stats.meta["source"], "n_samples": args.n_samples,
                             "seq_len": args.seq_len, "seed": args.seed, "chat": bool(args.calib_chat)},
+            "smoothing": smooth.to_dict(),
             "ga": {"pop": args.ga_pop, "generations": args.ga_gen, "seed": args.seed, "history": result.history},
             "seconds": seconds,
         }
         imatrix = {spec.name: vec for spec in analyzer.tensors
                    if (vec := analyzer.imatrix_of(spec)) is not None}
         save_config(out, info, final_types, imatrix=imatrix, imatrix_path=str(imatrix_path), extra=record)
-        write_json({**record, "tensor_types": final_types,
+        write_json({**record, "smoothing": smoothing_summary(smooth, smooth_records), "tensor_types": final_types,
                     "imatrix_path": str(imatrix_path)}, out.with_suffix(".json"))
         convergence_plot(result.history, out.with_suffix(".convergence.png"))
     except (ExportError, data_utils.DataSourceError, ValueError, RuntimeError, OSError) as err:
@@ -293,6 +325,11 @@ def main(argv=None) -> None:
     print_summary(rows, final_types)
     print(f"budget {budget:,} bytes ({budget_source}); config {out} (+ .json, .convergence.png, "
           f".sensitivity.*, {imatrix_path.name})")
+    if args.smooth != "off":
+        gains = smoothing.type_gains(smooth_records)
+        print(f"smoothing ({args.smooth}): {len(smooth.alpha)} of {len(smoothing.smooth_groups(model))} input "
+              "groups rescaled; output error smoothed/unscaled by type: "
+              + ", ".join(f"{t} {g:.3f}" for t, g in gains.items()))
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
 
 

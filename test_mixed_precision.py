@@ -1,7 +1,8 @@
 """Simulated quantization: the original model with a config's fake quantization, checked against the exported GGUF.
 
-Every tensor the config assigns a type is replaced, in the transformers model, by its round trip through
-ggml's own quantizer with the plan export_gguf_official.py writes (same types and fallbacks, same imatrix):
+Every tensor the config assigns a type is replaced, in the transformers model (after the config's smoothing, if
+any), by its round trip through ggml's own quantizer with the plan export_gguf_official.py writes (same types
+and fallbacks, same imatrix):
 the values the GGUF holds, computed in float32 by PyTorch. The script measures that simulated model on the
 evaluation windows (perplexity, KLD against the original, top-1 agreement, the same conventions and cached
 reference as compare_real_quant.py) and answers the prompts greedily. With --gguf_path it measures the exported
@@ -26,6 +27,7 @@ from pathlib import Path
 import compare_report
 import eval_utils
 import gguf_plan
+import smoothing
 from eval_utils import CompareError
 from export_gguf_official import ExportError, load_config, plan_from_config, resolve_model_dir
 from quant_utils import dequantize, get_type, quantize
@@ -86,6 +88,7 @@ def measure_simulated(model_dir: Path, plan, windows, reference, prompt_ids, sto
     torch.set_num_threads(settings.n_threads)
     device = eval_utils.transformers_device(settings.device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    smoothing.apply_to_model(model, plan.smoothing)     # the config's exact rescaling, as the exporter does
     weights = fake_quantized_weights(plan, model)
     model.to(device)
     with genetic_optim.replaced_weights(model, {n: w.to(device) for n, w in weights.items()}):
