@@ -177,27 +177,49 @@ def search_rows(n_rows: int, n: int = SEARCH_ROWS) -> torch.Tensor:
     return torch.linspace(0, n_rows - 1, min(n, n_rows)).round().long().unique()
 
 
-def consumer_errors(model, stats: CalibStats, group: SmoothGroup, col_scale: torch.Tensor | None,
-                    qtype: str) -> float:
-    """Summed output error of the group's consumers quantized to `qtype` after scaling (None: unscaled), through
-    the Gram matrix, on the search rows; relative to the consumers' output energy on those rows."""
-    err = energy = 0.0
+@dataclass
+class ConsumerRows:
+    """What the error estimate needs of one consumer, prepared once per group: the search rows (float32),
+    the input statistics and the rows' output energy through the Gram matrix."""
+    weight_rows: torch.Tensor       # float32 [rows, n_in]
+    gram: torch.Tensor              # float64 [n_in, n_in]
+    in_sum2: torch.Tensor
+    count: int
+    energy: float
+
+
+def consumer_rows(model, stats: CalibStats, group: SmoothGroup) -> dict[str, ConsumerRows]:
+    """The group's consumers as the search reads them (only the search rows are copied, not whole weights)."""
+    out = {}
     for name in group.consumers:
-        weight = model.get_parameter(name).detach().float().cpu()
-        if not get_type(qtype).fits(weight.shape[1]):
-            continue
-        rows = search_rows(weight.shape[0])
-        w = weight[rows].double()
+        param = model.get_parameter(name).detach()
+        w = param[search_rows(param.shape[0]).to(param.device)].float().cpu()
         gram = stats.gram_of(name)[0].double().cpu()
-        s = torch.ones(w.shape[1]) if col_scale is None else col_scale.float().cpu()
+        wd = w.double()
+        out[name] = ConsumerRows(w, gram, stats.in_sum2[name], max(stats.counts[name], 1),
+                                 float(torch.einsum("oi,oi->", wd @ gram, wd)))
+    return out
+
+
+def consumer_errors(model, stats: CalibStats, group: SmoothGroup, col_scale: torch.Tensor | None,
+                    qtype: str, prepared: dict[str, ConsumerRows] | None = None) -> float:
+    """Summed output error of the group's consumers quantized to `qtype` after scaling (None: unscaled), through
+    the Gram matrix, on the search rows; relative to the consumers' output energy on those rows. `prepared`
+    (consumer_rows) saves re-reading the same rows for every strength and type."""
+    prepared = prepared or consumer_rows(model, stats, group)
+    err = energy = 0.0
+    for c in prepared.values():
+        if not get_type(qtype).fits(c.weight_rows.shape[1]):
+            continue
+        s = torch.ones(c.weight_rows.shape[1]) if col_scale is None else col_scale.float().cpu()
         # the same float32 product and imatrix arithmetic as transform_tensor and apply_to_statistics, so the
         # quantizer sees bit-identical inputs to the ones it will get from the transformed model
-        scaled = weight[rows] * s[None, :]
-        in_sum2 = stats.in_sum2[name] / s.double().square().to(stats.in_sum2[name].dtype)
-        imatrix = (in_sum2 / max(stats.counts[name], 1)).to(torch.float32)
-        dw = fake_quantize(scaled, qtype, imatrix).double() / s.double() - w
-        err += float(torch.einsum("oi,oi->", dw @ gram, dw))
-        energy += float(torch.einsum("oi,oi->", w @ gram, w))
+        scaled = c.weight_rows * s[None, :]
+        in_sum2 = c.in_sum2 / s.double().square().to(c.in_sum2.dtype)
+        imatrix = (in_sum2 / c.count).to(torch.float32)
+        dw = fake_quantize(scaled, qtype, imatrix).double() / s.double() - c.weight_rows.double()
+        err += float(torch.einsum("oi,oi->", dw @ c.gram, dw))
+        energy += c.energy
     return err / max(energy, 1e-30)
 
 
@@ -229,11 +251,12 @@ def search_smoothing(model: nn.Module, stats: CalibStats, menus: dict[str, Seque
         if fixed is not None:
             best, candidates = fixed, {}
         else:
-            base = {t: consumer_errors(model, stats, group, None, t) for t in types}
+            prepared = consumer_rows(model, stats, group)
+            base = {t: consumer_errors(model, stats, group, None, t, prepared) for t in types}
             candidates = {}
             for alpha in alpha_grid:
                 cols = expand_to_columns(group, smoothquant_scales(act, w, alpha))
-                errs = {t: consumer_errors(model, stats, group, cols, t) for t in types}
+                errs = {t: consumer_errors(model, stats, group, cols, t, prepared) for t in types}
                 score = sum(math.log(max(errs[t], 1e-30) / max(base[t], 1e-30)) for t in types) / max(len(types), 1)
                 candidates[alpha] = (score, errs)
             best = min(candidates, key=lambda a: candidates[a][0]) if candidates else None

@@ -31,8 +31,8 @@ import eval_utils
 import gguf_plan
 import smoothing
 from eval_utils import CompareError
-from export_gguf_official import ExportError, load_config, plan_from_config, resolve_model_dir
-from quant_utils import dequantize, get_type, quantize
+from export_gguf_official import ExportError, encode_tensor, load_config, plan_from_config, resolve_model_dir
+from quant_utils import dequantize, get_type
 
 DEFAULTS = {"model_id": "Qwen/Qwen2.5-7B-Instruct", "config": "mixed_precision_config.pt",
             "n_windows": 16, "max_tokens": 48, "tolerance": 0.05}
@@ -65,7 +65,7 @@ def fake_quantized_weights(plan, model) -> dict:
         if get_type(qtype).name == "F32":
             continue
         weight = model.get_parameter(name).detach().float().cpu()
-        raw = quantize(weight, qtype, None if get_type(qtype).is_float else imatrix.get(name))
+        raw = encode_tensor(weight.numpy(), qtype, imatrix.get(name))
         out[name] = torch.from_numpy(dequantize(raw, qtype, tuple(weight.shape)))
     return out
 
