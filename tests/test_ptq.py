@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,33 @@ def test_parse_size_units():
     assert ptq.parse_size("12345") == 12345
     with pytest.raises(ValueError, match="cannot read size"):
         ptq.parse_size("4 parsecs")
+
+
+def test_smooth_auto_is_recorded_and_exported(searched, capsys):
+    """--smooth auto: the config carries the scales the search used and the exporter folds them in (the GGUF's
+    norm weights are the smoothed ones), and the budget still holds to the byte."""
+    import gguf
+    model_dir, base, budget, _ = searched
+    cfg = run_search(model_dir, base / "smooth.pt", base / "cache", "--target_size", str(budget), "--smooth", "auto")
+    record = cfg["smoothing"]
+    assert record["mode"] == "auto" and record["alpha"] and record["columns"] and record["rows"]
+    exporter.main(["--model_id", str(model_dir), "--config", str(base / "smooth.pt"), "--output",
+                   str(base / "smooth.gguf")])
+    assert (base / "smooth.gguf").stat().st_size == cfg["achieved"]["size_bytes"] <= budget
+    norms = {n: v for n, v in record["rows"].items() if n.endswith("layernorm.weight")}
+    assert norms
+    name, inverse_scale = next(iter(norms.items()))
+    from safetensors import safe_open
+    with safe_open(str(next(model_dir.glob("*.safetensors"))), framework="pt") as f:
+        original = f.get_tensor(name).float()
+    block = name.split(".")[2]
+    kind = "attn_norm" if "input_layernorm" in name else "ffn_norm"
+    stored = {t.name: t for t in gguf.GGUFReader(base / "smooth.gguf").tensors}[f"blk.{block}.{kind}.weight"]
+    assert np.array_equal(np.asarray(stored.data), (original * inverse_scale).numpy())
+
+
+def test_smooth_strength_must_be_off_auto_or_in_the_unit_interval(searched, capsys):
+    model_dir, base, budget, _ = searched
+    with pytest.raises(SystemExit) as exc:
+        run_search(model_dir, base / "x.pt", base / "cache", "--smooth", "1.5")
+    assert exc.value.code == 2 and "--smooth takes off, auto or a number in (0, 1)" in capsys.readouterr().err
