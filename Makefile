@@ -35,7 +35,8 @@ test: $(STAMP) $(DEMO_MODEL)
 	$(PY) -m pytest -q tests
 
 # The main job on the demo model: search at the size of llama.cpp's Q4_K_M, export F16, Q4_K_M (same imatrix)
-# and the mixed GGUF, then compare original vs Q4_K_M vs mixed (table + report under models/demo/report).
+# and the mixed GGUF, check the simulation against it, then compare original vs Q4_K_M vs mixed (table + report
+# under models/demo/report).
 DEMO := models/demo
 demo: $(STAMP) $(DEMO_MODEL)
 	$(PY) mixed_precision_ptq.py --model_id $(DEMO_MODEL) --calib_file $(WIKI)/wiki.valid.tokens \
@@ -45,6 +46,8 @@ demo: $(STAMP) $(DEMO_MODEL)
 	  --imatrix $(DEMO)/mixed_precision_config.imatrix.gguf --output $(DEMO)/smollm2-q4_k_m.gguf
 	$(PY) export_gguf_official.py --model_id $(DEMO_MODEL) --config $(DEMO)/mixed_precision_config.pt \
 	  --output $(DEMO)/smollm2-mixed.gguf
+	$(PY) test_mixed_precision.py --model_id $(DEMO_MODEL) --config $(DEMO)/mixed_precision_config.pt \
+	  --gguf_path $(DEMO)/smollm2-mixed.gguf --eval_file $(WIKI)/wiki.test.tokens --n_windows 16 --max_tokens 24
 	$(PY) compare_three_models.py --model_id $(DEMO_MODEL) --q4km_path $(DEMO)/smollm2-q4_k_m.gguf \
 	  --mixed_path $(DEMO)/smollm2-mixed.gguf --eval_file $(WIKI)/wiki.test.tokens --n_windows 16 --max_tokens 48 \
 	  --report $(DEMO)/report

@@ -27,6 +27,8 @@ GGML_TYPE_IDS = {
     "IQ2_XXS": 16, "IQ2_XS": 17, "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20,
     "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23, "IQ1_M": 29,
 }
+# The 8-bit activation formats llama.cpp's CPU matmuls round a quantized weight's input to (vec_dot_type).
+ACTIVATION_TYPE_IDS = {"Q8_1": 9, "Q8_K": 15}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 # Rows per worker task: large enough to amortise the call, small enough to balance threads.
@@ -45,7 +47,17 @@ class _TypeTraits(ctypes.Structure):
     ]
 
 
+class _TypeTraitsCpu(ctypes.Structure):
+    _fields_ = [
+        ("from_float", ctypes.c_void_p),
+        ("vec_dot", ctypes.c_void_p),
+        ("vec_dot_type", ctypes.c_int),
+        ("nrows", ctypes.c_int64),
+    ]
+
+
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
 def _find_libggml_base() -> Path:
@@ -84,6 +96,68 @@ def _lib() -> ctypes.CDLL:
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_lib() -> ctypes.CDLL:
+    """ggml's CPU backend library (next to libggml-base): the matmul kernels' activation formats."""
+    base = _find_libggml_base()
+    _lib()                                   # libggml-base first: libggml-cpu links against it
+    candidates = sorted(base.parent.glob(base.name.replace("base", "cpu") + "*")) + sorted(
+        base.parent.glob("*ggml-cpu*"))
+    if not candidates:
+        raise RuntimeError(f"libggml-cpu not found next to {base}; reinstall llama-cpp-python")
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_cpu_init.argtypes = []
+    lib.ggml_cpu_init.restype = None
+    lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCpu)
+    lib.ggml_cpu_init()
+    return lib
+
+
+def _type_name(type_id: int) -> str:
+    names = {v: k for k, v in {**GGML_TYPE_IDS, **ACTIVATION_TYPE_IDS}.items()}
+    if type_id not in names:
+        raise ValueError(f"ggml type id {type_id} is not one this project knows")
+    return names[type_id]
+
+
+@functools.lru_cache(maxsize=None)
+def activation_type(qtype: str) -> str:
+    """The format llama.cpp's CPU backend rounds a matmul's activations to when the weight is `qtype`
+    (ggml's vec_dot_type: Q8_0 or Q8_1 in 32-blocks, Q8_K in 256-blocks, F16, F32), read from libggml-cpu."""
+    t = get_type(qtype)
+    return _type_name(int(_cpu_lib().ggml_get_type_traits_cpu(t.ggml_type).contents.vec_dot_type))
+
+
+def ggml_round_activations(x: np.ndarray, act_type: str) -> np.ndarray:
+    """Rows of float32 activations rounded by ggml's own CPU quantizer for `act_type` and read back: the
+    ground truth the torch emulation (activation_rounding.py) is tested against."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_rows, n = x.shape
+    if act_type == "F32":
+        return x.copy()
+    type_id = {**GGML_TYPE_IDS, **ACTIVATION_TYPE_IDS}[act_type]
+    from_float = _FROM_FLOAT(_cpu_lib().ggml_get_type_traits_cpu(type_id).contents.from_float)
+    block = int(_lib().ggml_blck_size(type_id))
+    row_bytes = int(_lib().ggml_row_size(type_id, n))
+    raw = np.zeros(n_rows * row_bytes, dtype=np.uint8)
+    for r in range(n_rows):
+        from_float(x[r].ctypes.data, raw.ctypes.data + r * row_bytes, n)
+    raw = raw.reshape(n_rows, n // block, row_bytes * block // n)
+    if act_type == "F16":
+        return raw.reshape(n_rows, -1).view(np.float16).astype(np.float32)
+    if act_type == "BF16":
+        return (raw.reshape(n_rows, -1).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if act_type == "Q8_K":      # float d, int8 qs[256], int16 bsums[16]
+        d = raw[..., :4].copy().view(np.float32)
+        qs = raw[..., 4:4 + block].view(np.int8).astype(np.float32)
+    else:                       # Q8_0: half d, int8 qs[32]; Q8_1: half d, half s, int8 qs[32]
+        d = raw[..., :2].copy().view(np.float16).astype(np.float32)
+        start = 2 if act_type == "Q8_0" else 4
+        qs = raw[..., start:start + block].view(np.int8).astype(np.float32)
+    return (qs * d).reshape(n_rows, n)
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ within --tolerance (5%): the proof that what the search simulated is what ships.
         --config models/demo/mixed_precision_config.pt --gguf_path models/demo/smollm2-mixed.gguf \\
         --eval_file ../shared/data/wikitext-2/wiki.test.tokens --n_windows 16
 
-Known gap: llama.cpp's CPU kernels multiply quantized weights by activations rounded to 8 bits (Q8_0, Q8_1 or
-Q8_K blocks, by weight type) and keep the KV cache in F16; this simulation multiplies the dequantized weights by
-float32 activations. That adds a floor of about 0.004 mean KLD on the demo model (llama.cpp's Q8_0 file scores
-0.0045): invisible at KLD 0.2 (2% apart), 19% apart for the search's Q4_K_M-size config at KLD 0.02 (see
-README). Emulating the activation rounding here and in the search is the fix.
+llama.cpp's CPU kernels multiply a quantized weight by its input rounded to 8 bits (Q8_0, Q8_1 or Q8_K blocks,
+by weight type); the simulation does the same, bit for bit (activation_rounding.py), unless `--activations
+float32`. Without it the simulation misses a floor of about 0.004 mean KLD on the demo model (llama.cpp's Q8_0
+file scores 0.0045): 19% apart for the search's Q4_K_M-size config at KLD 0.02. What remains unemulated is
+llama.cpp's F16 KV cache and its order of summation.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 
+import activation_rounding
 import compare_report
 import eval_utils
 import gguf_plan
@@ -35,7 +36,7 @@ from export_gguf_official import ExportError, encode_tensor, load_config, plan_f
 from quant_utils import dequantize, get_type
 
 DEFAULTS = {"model_id": "Qwen/Qwen2.5-7B-Instruct", "config": "mixed_precision_config.pt",
-            "n_windows": 16, "max_tokens": 48, "tolerance": 0.05}
+            "n_windows": 16, "max_tokens": 48, "tolerance": 0.05, "activations": "ggml"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the GGUF exported from this config: measured too, and the KLDs must agree")
     parser.add_argument("--tolerance", type=float, default=DEFAULTS["tolerance"],
                         help="largest relative difference of the mean KLDs (simulated vs GGUF)")
+    parser.add_argument("--activations", choices=("ggml", "float32"), default=DEFAULTS["activations"],
+                        help="ggml: round each quantized matmul's input as llama.cpp's CPU backend does; "
+                             "float32: leave activations unrounded (weights-only simulation)")
     eval_utils.add_measurement_args(parser)
     parser.set_defaults(n_windows=DEFAULTS["n_windows"], max_tokens=DEFAULTS["max_tokens"])
     return parser.parse_args(argv)
@@ -82,8 +86,10 @@ def check_gguf_follows_plan(gguf_path, plan) -> None:
                            f"(e.g. {name} is {got}, the config gives {want})")
 
 
-def measure_simulated(model_dir: Path, plan, windows, reference, prompt_ids, stop_ids, settings):
-    """Quality and greedy generations of the original with the plan's fake quantization, in float32."""
+def measure_simulated(model_dir: Path, plan, windows, reference, prompt_ids, stop_ids, settings,
+                      round_activations: bool = True):
+    """Quality and greedy generations of the original with the plan's fake quantization, in float32, each
+    quantized matmul's input rounded as llama.cpp's CPU backend rounds it (unless `round_activations` is off)."""
     import torch
     import genetic_optim
     from transformers import AutoModelForCausalLM
@@ -93,12 +99,15 @@ def measure_simulated(model_dir: Path, plan, windows, reference, prompt_ids, sto
     smoothing.apply_to_model(model, plan.smoothing)     # the config's exact rescaling, as the exporter does
     weights = fake_quantized_weights(plan, model)
     model.to(device)
-    with genetic_optim.replaced_weights(model, {n: w.to(device) for n, w in weights.items()}):
+    activation_types = plan.stored_types if round_activations else {}
+    with genetic_optim.replaced_weights(model, {n: w.to(device) for n, w in weights.items()}), \
+            activation_rounding.rounded_linear_inputs(model, activation_types):
         quality = eval_utils.evaluate_quality(eval_utils.transformers_logits_fn(model), windows, reference,
                                               settings.progress, desc="simulated")
         generations = [eval_utils.transformers_greedy(model, ids, settings.max_tokens, stop_ids)
                        for ids in prompt_ids]
-    return quality, generations, f"transformers {device} float32"
+    rounding = "activations rounded as llama.cpp's CPU backend" if round_activations else "float32 activations"
+    return quality, generations, f"transformers {device} float32, {rounding}"
 
 
 def measure_gguf(path, windows, reference, prompt_ids, stop_ids, settings):
@@ -153,7 +162,8 @@ def main(argv=None) -> None:
 
         reference = eval_utils.reference_for_model(original.model_dir, windows, settings)
         simulated, simulated_ids, device = measure_simulated(original.model_dir, plan, windows, reference,
-                                                             prompt_ids, stop_ids, settings)
+                                                             prompt_ids, stop_ids, settings,
+                                                             args.activations == "ggml")
         rows, texts = [("simulated", simulated)], {"simulated": simulated_ids}
         if args.gguf_path is not None:
             shipped, texts["GGUF"] = measure_gguf(args.gguf_path, windows, reference, prompt_ids, stop_ids,

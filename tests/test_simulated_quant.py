@@ -22,19 +22,21 @@ REPO = Path(__file__).resolve().parents[1]
 WIKI_TEST = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.test.tokens"
 DEMO_MODEL = REPO / "models" / "smollm2-135m-instruct"
 MENU = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "Q4_0", "Q5_1", "Q3_K", "F16")
+# 5 to 8.5 bits: little weight error, so llama.cpp's rounding of the activations is a large part of the KLD.
+HIGH_BITS_MENU = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0")
 FAST = ["--eval_file", str(WIKI_TEST), "--seq_len", "256", "--n_windows", "6", "--max_tokens", "12",
         "--threads", "2", "--no_progress"]
 
 
-def write_config(model_dir: Path, path: Path, offset: int = 0) -> dict:
-    """A config cycling every tensor through MENU (fallbacks where a row does not fit), with a positive imatrix
+def write_config(model_dir: Path, path: Path, offset: int = 0, menu=MENU, with_imatrix: bool = True) -> dict:
+    """A config cycling every tensor through `menu` (fallbacks where a row does not fit), with a positive imatrix
     per tensor that is far from uniform, so a simulation that dropped it would quantize differently."""
     info = gguf_plan.load_model_info(model_dir)
     shapes = gguf_plan.quantizable_tensors(info)
     rng = np.random.default_rng(offset)
-    types = {name: MENU[(i + offset) % len(MENU)] for i, name in enumerate(sorted(shapes))}
+    types = {name: menu[(i + offset) % len(menu)] for i, name in enumerate(sorted(shapes))}
     imatrix = {name: rng.lognormal(0.0, 1.5, shape[1]).astype(np.float32) for name, shape in shapes.items()}
-    exporter.save_config(path, info, types, imatrix=imatrix)
+    exporter.save_config(path, info, types, imatrix=imatrix if with_imatrix else None)
     return types
 
 
@@ -50,6 +52,21 @@ def exported(tmp_path_factory):
     return model_dir, base
 
 
+@pytest.fixture(scope="module")
+def exported_high_bits(exported):
+    model_dir, base = exported
+    write_config(model_dir, base / "high.pt", menu=HIGH_BITS_MENU, with_imatrix=False)
+    exporter.main(["--model_id", str(model_dir), "--config", str(base / "high.pt"), "--output",
+                   str(base / "high.gguf")])
+    return model_dir, base
+
+
+def kld_comparison(out: str) -> tuple[float, float, float]:
+    """(simulated, GGUF, percent apart) from the script's verdict line."""
+    return tuple(map(float, re.search(r"mean KLD simulated ([\d.]+) vs GGUF ([\d.]+): ([\d.]+)% apart",
+                                      out).groups()))
+
+
 def run_script(model_dir, base, *extra) -> None:
     simulate.main(["--model_id", str(model_dir), "--config", str(base / "mixed.pt"), "--cache_dir",
                    str(base / "cache"), *FAST, *extra])
@@ -59,10 +76,26 @@ def test_simulated_kld_agrees_with_the_exported_gguf(exported, capsys):
     model_dir, base = exported
     run_script(model_dir, base, "--gguf_path", str(base / "mixed.gguf"))  # exits 1 on disagreement
     out = capsys.readouterr().out
-    sim, gguf_kld, apart = map(float, re.search(r"mean KLD simulated ([\d.]+) vs GGUF ([\d.]+): ([\d.]+)% apart",
-                                                 out).groups())
+    sim, gguf_kld, apart = kld_comparison(out)
     assert sim > 1e-3 and gguf_kld > 1e-3          # the quantization is visible, not lost in float noise
     assert apart <= 5.0 and "agree" in out
+
+
+def test_high_bit_config_agrees_only_with_activations_rounded_as_llama_cpp(exported_high_bits, capsys):
+    """At 5-8.5 bits llama.cpp's 8-bit rounding of the activations is a large share of the KLD: the simulation
+    that emulates it agrees with the GGUF, the weights-only one misses by far more than the tolerance."""
+    model_dir, base = exported_high_bits
+    args = ["--model_id", str(model_dir), "--config", str(base / "high.pt"), "--gguf_path",
+            str(base / "high.gguf"), "--cache_dir", str(base / "cache"), *FAST]
+    simulate.main(args)
+    sim, gguf_kld, apart = kld_comparison(capsys.readouterr().out)
+    assert apart <= 5.0 and gguf_kld > 1e-4
+    with pytest.raises(SystemExit) as exc:
+        simulate.main(args + ["--activations", "float32"])
+    out = capsys.readouterr().out
+    sim_float, gguf_again, apart_float = kld_comparison(out)
+    assert exc.value.code == 1 and "DISAGREE" in out
+    assert sim_float < sim and apart_float > 3 * apart, (apart, apart_float)
 
 
 def test_simulation_without_the_imatrix_is_not_what_ships(exported, tmp_path, capsys):
