@@ -84,14 +84,26 @@ def linear_layers_by_weight(model: nn.Module) -> dict[str, list[nn.Module]]:
     return out
 
 
+def value_format(act_type: str) -> str:
+    """The activation format as far as the values go: Q8_1 rounds exactly as Q8_0 (it only adds block sums)."""
+    return "Q8_0" if act_type == "Q8_1" else act_type
+
+
 @contextlib.contextmanager
 def rounded_linear_inputs(model: nn.Module, tensor_types: dict[str, str]):
     """While active, every linear layer whose weight `tensor_types` assigns a type sees its input rounded to
     that type's activation format, as llama.cpp's CPU backend runs the GGUF. Tensors left out stay float32."""
+    with rounded_inputs(model, {name: activation_type(t) for name, t in tensor_types.items()}):
+        yield model
+
+
+@contextlib.contextmanager
+def rounded_inputs(model: nn.Module, act_types: dict[str, str]):
+    """As `rounded_linear_inputs`, given each weight's activation format directly ({weight name: "Q8_K"})."""
     handles = []
     try:
         for name, modules in linear_layers_by_weight(model).items():
-            act = activation_type(tensor_types[name]) if name in tensor_types else "F32"
+            act = act_types.get(name, "F32")
             if act == "F32":
                 continue
             for module in modules:

@@ -9,6 +9,11 @@ that fits its rows, quantize that tensor alone with ggml's own quantizer (weight
 Types whose KLD was not measured (see `kld_types`) get `kld_pred` = the tensor's measured KLD per unit of
 output error times their own output error; measured types keep their measurement. Tensors whose output error
 does not fall with bits (`irregular_tensors`) get every type measured.
+- `act_kld`: the damage of llama.cpp's rounding of this tensor's input to the type's activation format (Q8_0
+  in 32-blocks, Q8_K in 256-blocks: activation_rounding.py), measured once per (tensor, format) with the
+  weight left in float32. A type's predicted damage (`damage`) is kld_pred + act_kld: on SmolLM2-135M the
+  ffn_down inputs alone cost 0.0024 KLD rounded to Q8_K but 0.0005 to Q8_0, as much as a whole Q5-size
+  allocation's weight error differs by.
 
 Results are cached per (tensor, type) as small JSON files under a key of model, data and settings, so an
 interrupted run resumes where it stopped.
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import activation_rounding
 import calib_stats
 from calib_stats import BlockBatch, CalibStats
 import quant_utils
@@ -199,20 +205,23 @@ class HeldOutCache:
         return self._stacked[key]
 
     @torch.no_grad()
-    def kld_means_in_block(self, start_block: int, variants: list[dict[str, torch.Tensor]]) -> list[float]:
-        """Mean KL of each variant, a set of weights of block `start_block` replaced.
+    def kld_means_in_block(self, start_block: int, variants: list[dict[str, torch.Tensor]],
+                           act_formats: list[dict[str, str]] | None = None) -> list[float]:
+        """Mean KL of each variant, a set of weights of block `start_block` replaced (and, with `act_formats`,
+        the inputs of some of its linears rounded: {weight name: activation format}).
 
         Each variant runs the perturbed block on its own; their outputs are then stacked along the batch and
         go through the later blocks together: the same arithmetic as one at a time, in larger matrix
         products (on a CPU several times faster than small ones).
         """
         totals = [0.0] * len(variants)
+        act_formats = act_formats or [{}] * len(variants)
         block = self.blocks[start_block]
         for mb, kwargs in enumerate(self.kwargs):
             h_in = self.block_inputs[start_block][mb]
             outs = []
-            for weights in variants:
-                with replaced_weights(self.model, weights):
+            for weights, formats in zip(variants, act_formats):
+                with replaced_weights(self.model, weights), activation_rounding.rounded_inputs(self.model, formats):
                     outs.append(calib_stats.run_block(block, BlockBatch(h_in, kwargs)))
             hidden = torch.cat(outs) if len(outs) > 1 else outs[0]
             stacked_kwargs = self._stacked_kwargs(mb, len(variants)) if len(outs) > 1 else kwargs
@@ -379,12 +388,53 @@ class LayerSensitivityAnalyzer:
         with replaced_weights(self.model, new_weights):
             return held_out.kld_mean(start)
 
-    def kld_means_in_block(self, block: int, variants: list[dict[str, torch.Tensor]]) -> list[float]:
-        """Mean KL of each variant (weights of decoder block `block` replaced), stacked `kld_stack` at a time."""
+    def kld_means_in_block(self, block: int, variants: list[dict[str, torch.Tensor]],
+                           act_formats: list[dict[str, str]] | None = None) -> list[float]:
+        """Mean KL of each variant (weights of decoder block `block` replaced, inputs rounded as `act_formats`
+        says), stacked `kld_stack` at a time."""
         held_out = self.held_out
+        act_formats = act_formats or [{}] * len(variants)
         out = []
         for start in range(0, len(variants), self.kld_stack):
-            out += held_out.kld_means_in_block(block, variants[start:start + self.kld_stack])
+            out += held_out.kld_means_in_block(block, variants[start:start + self.kld_stack],
+                                               act_formats[start:start + self.kld_stack])
+        return out
+
+    def activation_formats(self, spec: TensorSpec) -> list[str]:
+        """The distinct rounded formats this tensor's input takes over its menu (none for a pure lookup)."""
+        if spec.is_embedding and not spec.feeds_logits:
+            return []
+        formats = {activation_rounding.value_format(quant_utils.activation_type(t)) for t in spec.types}
+        return sorted(formats - {"F32", "F16", "BF16"})
+
+    def activation_klds(self, specs: list[TensorSpec]) -> dict[tuple[str, str], float]:
+        """{(tensor, format): mean KL with only this tensor's input rounded to the format}, cached like the
+        weight entries (under type "act_<format>"). The weights stay float32: this is the activation term
+        alone, added to each weight type's damage by `SensitivityTable.damage`."""
+        out, need = {}, []
+        for spec in specs:
+            for fmt in self.activation_formats(spec):
+                entry = self.cache.get(spec.name, f"act_{fmt}")
+                if entry is None:
+                    need.append((spec, fmt))
+                else:
+                    out[(spec.name, fmt)] = entry["kld_mean"]
+        if not need:
+            return out
+        in_block = [(spec, fmt) for spec, fmt in need if spec.block is not None]
+        klds = []
+        if in_block:
+            klds = self.kld_means_in_block(in_block[0][0].block, [{}] * len(in_block),
+                                           [{spec.name: fmt} for spec, fmt in in_block])
+        held_out = self.held_out
+        n_blocks = len(calib_stats.decoder_blocks(self.model))
+        for spec, fmt in [p for p in need if p[0].block is None]:      # the head's matmul: only the head runs
+            with activation_rounding.rounded_inputs(self.model, {spec.name: fmt}):
+                klds.append(held_out.kld_mean(n_blocks))
+        for (spec, fmt), kld in zip(in_block + [p for p in need if p[0].block is None], klds):
+            self.cache.put({"tensor": spec.name, "type": f"act_{fmt}", "kld_mean": kld,
+                            "kld_tokens": int(self.holdout_ids.numel())})
+            out[(spec.name, fmt)] = kld
         return out
 
     def measure_errors(self, spec: TensorSpec, qtype: str) -> tuple[dict, torch.Tensor]:
@@ -448,14 +498,18 @@ class LayerSensitivityAnalyzer:
         groups = self._groups()
         bar = tqdm(total=len(groups), desc="sensitivity", unit="group", disable=not self.progress)
         done: dict[tuple[str, str], dict] = {}
+        act: dict[tuple[str, str], float] = {}
         for group in groups:
             spec = group[0][0]
             bar.set_postfix_str(f"block {spec.block}" if spec.block is not None else spec.kind, refresh=False)
             for entry in self._measure_group(group, on_entry):
                 done[(entry["tensor"], entry["type"])] = entry
+            act.update(self.activation_klds(list({s.name: s for s, _ in group}.values())))
             bar.update()
         bar.close()
-        entries = [done[(spec.name, t)] for spec in self.tensors for t in spec.types]
+        entries = [dict(done[(spec.name, t)], act_kld=act.get(
+            (spec.name, activation_rounding.value_format(quant_utils.activation_type(t))), 0.0))
+            for spec in self.tensors for t in spec.types]
         meta = {"run_key": self.run_key, "kld_tokens": int(self.holdout_ids.numel()),
                 "kld_types": self.kld_types if isinstance(self.kld_types, str) else list(self.kld_types),
                 **{k: v for k, v in self.stats.meta.items() if isinstance(v, (int, float, str))}}
@@ -509,7 +563,14 @@ def predict_kld(entries: list[dict]) -> list[dict]:
 # The table: save, plot
 # ---------------------------------------------------------------------------------------------------------
 
-TABLE_FIELDS = ("bits_per_weight", "size_bytes", "rel_out_err", "kld_mean", "kld_pred")
+TABLE_FIELDS = ("bits_per_weight", "size_bytes", "rel_out_err", "kld_mean", "kld_pred", "act_kld")
+
+
+def entry_damage(entry: dict) -> float | None:
+    """Predicted model damage of one (tensor, type): its weight error's KLD plus its input rounding's."""
+    if entry.get("kld_pred") is None:
+        return None
+    return entry["kld_pred"] + entry.get("act_kld", 0.0)
 
 
 @dataclass
@@ -923,7 +984,8 @@ class MixedPrecisionGA:
 # ---------------------------------------------------------------------------------------------------------
 
 class AssignmentEvaluator:
-    """Mean KLD of the model with every tensor fake-quantized as an assignment says, on held-out windows.
+    """Mean KLD of the model with every tensor fake-quantized as an assignment says, and every quantized
+    matmul's input rounded as llama.cpp's CPU backend rounds it for that type, on held-out windows.
 
     Quantized tensors are kept as ggml bytes per (tensor, type) (a fraction of the float size) and decoded by
     ggml when an assignment needs them, so the GA re-quantizes nothing; results are memoised per assignment.
@@ -947,6 +1009,7 @@ class AssignmentEvaluator:
         key = tuple(sorted(tensor_types.items()))
         if key not in self.results:
             weights = {name: self.weight(name, qtype) for name, qtype in tensor_types.items()}
-            with replaced_weights(self.analyzer.model, weights):
+            with replaced_weights(self.analyzer.model, weights), \
+                    activation_rounding.rounded_linear_inputs(self.analyzer.model, tensor_types):
                 self.results[key] = self.held_out.kld_mean(None)
         return self.results[key]

@@ -54,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     exclusive.add_argument("--target_preset", default=None,
                            help="the file size of this llama.cpp preset (with imatrix) of the same model")
     p.add_argument("--types", default=None,
-                   help="candidate types, comma list (default: Q2_K..Q8_0 K-menu; 32-block menu where K "
-                        "types do not fit the rows)")
+                   help="candidate types, comma list: each tensor may take those that fit its rows (default: "
+                        "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0; Q4_0,IQ4_NL,Q4_1,Q5_0,Q5_1,Q8_0 where K types do not fit)")
     calib_stats.add_data_args(p)
     p.add_argument("--kld_samples", type=int, default=4, help="held-out windows for single-tensor KLDs")
     p.add_argument("--kld_seq_len", type=int, default=128, help="tokens per held-out window (sensitivity)")
@@ -117,7 +117,8 @@ def bits_per_weight(info: gguf_plan.ModelInfo, file_size: int) -> float:
 
 
 def build_problem(info, table: go.SensitivityTable, allowed_types) -> go.AllocationProblem:
-    """The allocation table: each tensor's menu, exact file bytes per type and predicted damage."""
+    """The allocation table: each tensor's menu, exact file bytes per type and predicted damage (weight
+    error plus input rounding, `genetic_optim.entry_damage`)."""
     shapes = gguf_plan.quantizable_tensors(info)
     if set(table.tensors()) != set(shapes):
         missing = sorted(set(shapes) ^ set(table.tensors()))[:3]
@@ -134,7 +135,7 @@ def build_problem(info, table: go.SensitivityTable, allowed_types) -> go.Allocat
         names.append(name)
         menus.append([e["type"] for e in entries])
         sizes.append([gguf_plan.gguf_tensor_bytes(info, name, e["type"]) for e in entries])
-        damages.append([e["kld_pred"] for e in entries])
+        damages.append([go.entry_damage(e) for e in entries])
         blocks.append(-1 if entries[0]["block"] is None else entries[0]["block"])
     return go.AllocationProblem.build(names, menus, sizes, damages, gguf_plan.gguf_fixed_bytes(info), blocks)
 
@@ -247,7 +248,8 @@ def main(argv=None) -> None:
         seconds["statistics"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        menus = {spec.name: spec.types for spec in go.quantizable_tensors(model)}
+        menu_args = {"k_menu": allowed, "block32_menu": allowed} if allowed else {}
+        menus = {spec.name: spec.types for spec in go.quantizable_tensors(model, **menu_args)}
         smooth, smooth_records = smoothing.search_smoothing(model, stats, menus, args.smooth)
         smoothing.apply_to_model(model, smooth)
         smoothing.apply_to_statistics(stats, smooth)
@@ -255,7 +257,7 @@ def main(argv=None) -> None:
 
         t0 = time.perf_counter()
         analyzer = go.LayerSensitivityAnalyzer(model, stats, holdout_ids, cache_dir=Path(args.cache_dir) /
-                                               "sensitivity", device=args.device)
+                                               "sensitivity", device=args.device, **menu_args)
         table = analyzer.run()
         table.save(out.with_suffix(".sensitivity"))
         go.plot_heatmap(table, out.with_suffix(".sensitivity.png"))

@@ -267,3 +267,47 @@ def test_error_inversions_flag_a_tensor_for_full_kld_measurement():
     regular = [entry("a", "Q2_K", 2.6, 4e-2), entry("a", "Q4_K", 4.5, 3e-3), entry("a", "Q6_K", 6.6, 2e-4)]
     inverted = [entry("b", "Q2_K", 2.6, 8e-5), entry("b", "Q3_K", 3.4, 3e-3), entry("b", "Q4_K", 4.5, 5e-6)]
     assert genetic_optim.irregular_tensors(regular + inverted) == {"b"}
+
+
+def test_activation_rounding_terms_are_measured_per_format_and_cached(tied_setup, tmp_path):
+    """Each tensor's input rounding costs its own KLD per activation format of its menu (Q8_K and Q8_0 for a
+    K-quant row, Q8_0 alone for a 32-block row; the tied embedding's is the head's matmul), added to every
+    type of that format; a rerun reads them from the cache."""
+    import activation_rounding
+    import quant_utils
+    model, stats, holdout = tied_setup
+
+    def analyzer():
+        return genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, cache_dir=tmp_path, device="cpu",
+                                                      progress=False)
+    table = analyzer().run()
+    specs = {s.name: s for s in analyzer().tensors}
+    down = next(s for s in specs.values() if s.kind == "down_proj")
+    q_proj = next(s for s in specs.values() if s.kind == "q_proj")
+    embd = next(s for s in specs.values() if s.is_embedding)
+    an = analyzer()
+    assert an.activation_formats(down) == ["Q8_0", "Q8_K"]
+    assert an.activation_formats(q_proj) == ["Q8_0"] == an.activation_formats(embd)
+    by_key = table.lookup()
+    for spec in (down, q_proj, embd):
+        for t in spec.types:
+            fmt = activation_rounding.value_format(quant_utils.activation_type(t))
+            act = by_key[(spec.name, t)]["act_kld"]
+            assert act > 0 and act == an.cache.get(spec.name, f"act_{fmt}")["kld_mean"]
+            assert genetic_optim.entry_damage(by_key[(spec.name, t)]) == by_key[(spec.name, t)]["kld_pred"] + act
+    held_out = an.held_out                           # reference logits first, from the unrounded model
+    with activation_rounding.rounded_inputs(model, {embd.name: "Q8_0"}):
+        direct = held_out.kld_mean(None)             # whole forward, only the head's input rounded
+    assert abs(by_key[(embd.name, "Q8_0")]["act_kld"] - direct) / direct < 1e-4
+    rerun = analyzer()
+    assert rerun.run().entries == table.entries and rerun.n_computed == 0
+
+
+def test_assignment_kld_includes_llama_cpp_activation_rounding(tied_setup):
+    model, stats, holdout = tied_setup
+    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    evaluator = genetic_optim.AssignmentEvaluator(analyzer, holdout, batch_size=2)
+    assert evaluator.kld_mean({s.name: "F32" for s in analyzer.tensors}) == 0.0
+    q8 = {s.name: "Q8_0" for s in analyzer.tensors}
+    weights_only = analyzer.kld_mean({n: evaluator.weight(n, t) for n, t in q8.items()})
+    assert evaluator.kld_mean(q8) > 1.5 * weights_only > 0
