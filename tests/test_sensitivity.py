@@ -72,6 +72,10 @@ def test_candidate_menus_fall_back_to_32_weight_blocks():
     assert genetic_optim.candidate_types(576) == genetic_optim.BLOCK32_MENU
     assert genetic_optim.candidate_types(1536) == genetic_optim.K_MENU
     assert "Q4_0" in genetic_optim.candidate_types(64) and "Q4_K" not in genetic_optim.candidate_types(64)
+    # --types gives one list as both menus: rows K-blocks fit take all of it, the others its 32-block part
+    types = ("Q4_K", "Q5_K", "Q5_0", "Q5_1", "Q8_0")
+    assert genetic_optim.candidate_types(1536, types, types) == types
+    assert genetic_optim.candidate_types(576, types, types) == ("Q5_0", "Q5_1", "Q8_0")
 
 
 def test_gram_output_error_equals_measured_output_mse(tied_setup, windows):
