@@ -44,12 +44,10 @@ def _round_q8_k(blocks: torch.Tensor) -> torch.Tensor:
     idx = blocks.abs().argmax(-1, keepdim=True)
     signed_max = blocks.gather(-1, idx)
     nonzero = signed_max != 0
-    safe_max = torch.where(nonzero, signed_max, torch.ones_like(signed_max))
-    iscale = torch.where(nonzero, _divide(-127.0, safe_max), torch.zeros_like(signed_max))
+    # an all-zero block divides by 1 instead: its q are 0 whatever the scale, as ggml's are
+    iscale = _divide(-127.0, torch.where(nonzero, signed_max, torch.ones_like(signed_max)))
     q = torch.round(iscale * blocks).clamp_max(127.0)
-    d = torch.where(nonzero, _divide(1.0, torch.where(nonzero, iscale, torch.ones_like(iscale))),
-                    torch.zeros_like(iscale))
-    return q * d
+    return q * _divide(1.0, iscale)
 
 
 def round_activations(x: torch.Tensor, act_type: str) -> torch.Tensor:
@@ -87,6 +85,11 @@ def linear_layers_by_weight(model: nn.Module) -> dict[str, list[nn.Module]]:
 def value_format(act_type: str) -> str:
     """The activation format as far as the values go: Q8_1 rounds exactly as Q8_0 (it only adds block sums)."""
     return "Q8_0" if act_type == "Q8_1" else act_type
+
+
+def rounding_of(qtype: str) -> str:
+    """How llama.cpp rounds the input of a matmul by a `qtype` weight, as far as the values go."""
+    return value_format(activation_type(qtype))
 
 
 @contextlib.contextmanager

@@ -404,13 +404,13 @@ class LayerSensitivityAnalyzer:
         """The distinct rounded formats this tensor's input takes over its menu (none for a pure lookup)."""
         if spec.is_embedding and not spec.feeds_logits:
             return []
-        formats = {activation_rounding.value_format(quant_utils.activation_type(t)) for t in spec.types}
+        formats = {activation_rounding.rounding_of(t) for t in spec.types}
         return sorted(formats - {"F32", "F16", "BF16"})
 
     def activation_klds(self, specs: list[TensorSpec]) -> dict[tuple[str, str], float]:
         """{(tensor, format): mean KL with only this tensor's input rounded to the format}, cached like the
         weight entries (under type "act_<format>"). The weights stay float32: this is the activation term
-        alone, added to each weight type's damage by `SensitivityTable.damage`."""
+        alone, added to each weight type's damage by `entry_damage`."""
         out, need = {}, []
         for spec in specs:
             for fmt in self.activation_formats(spec):
@@ -422,16 +422,17 @@ class LayerSensitivityAnalyzer:
         if not need:
             return out
         in_block = [(spec, fmt) for spec, fmt in need if spec.block is not None]
+        at_head = [(spec, fmt) for spec, fmt in need if spec.block is None]
         klds = []
         if in_block:
             klds = self.kld_means_in_block(in_block[0][0].block, [{}] * len(in_block),
                                            [{spec.name: fmt} for spec, fmt in in_block])
         held_out = self.held_out
         n_blocks = len(calib_stats.decoder_blocks(self.model))
-        for spec, fmt in [p for p in need if p[0].block is None]:      # the head's matmul: only the head runs
+        for spec, fmt in at_head:                 # the head's matmul: only the head runs
             with activation_rounding.rounded_inputs(self.model, {spec.name: fmt}):
                 klds.append(held_out.kld_mean(n_blocks))
-        for (spec, fmt), kld in zip(in_block + [p for p in need if p[0].block is None], klds):
+        for (spec, fmt), kld in zip(in_block + at_head, klds):
             self.cache.put({"tensor": spec.name, "type": f"act_{fmt}", "kld_mean": kld,
                             "kld_tokens": int(self.holdout_ids.numel())})
             out[(spec.name, fmt)] = kld
@@ -507,9 +508,8 @@ class LayerSensitivityAnalyzer:
             act.update(self.activation_klds(list({s.name: s for s, _ in group}.values())))
             bar.update()
         bar.close()
-        entries = [dict(done[(spec.name, t)], act_kld=act.get(
-            (spec.name, activation_rounding.value_format(quant_utils.activation_type(t))), 0.0))
-            for spec in self.tensors for t in spec.types]
+        entries = [dict(done[(spec.name, t)], act_kld=act.get((spec.name, activation_rounding.rounding_of(t)), 0.0))
+                   for spec in self.tensors for t in spec.types]
         meta = {"run_key": self.run_key, "kld_tokens": int(self.holdout_ids.numel()),
                 "kld_types": self.kld_types if isinstance(self.kld_types, str) else list(self.kld_types),
                 **{k: v for k, v in self.stats.meta.items() if isinstance(v, (int, float, str))}}

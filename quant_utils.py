@@ -103,8 +103,7 @@ def _cpu_lib() -> ctypes.CDLL:
     """ggml's CPU backend library (next to libggml-base): the matmul kernels' activation formats."""
     base = _find_libggml_base()
     _lib()                                   # libggml-base first: libggml-cpu links against it
-    candidates = sorted(base.parent.glob(base.name.replace("base", "cpu") + "*")) + sorted(
-        base.parent.glob("*ggml-cpu*"))
+    candidates = sorted(base.parent.glob("*ggml-cpu*"))
     if not candidates:
         raise RuntimeError(f"libggml-cpu not found next to {base}; reinstall llama-cpp-python")
     lib = ctypes.CDLL(str(candidates[0]))
