@@ -7,7 +7,9 @@ calibration tokens x:
 - `gram[key]` = H = X^T X, the input Gram matrix, shared by the weights that read the same input (q/k/v read
   one, gate/up read one). With it the output error of any weight change is exact:
   E_x ||dW x||^2 = tr(dW H dW^T) / N. Grams may cover only the first windows (`gram_samples`); then N is
-  their token count, while `in_sum2` always covers every window.
+  their token count, while `in_sum2` always covers every window. Inputs wider than `gram_max_dim` get no Gram
+  (Qwen2.5-7B's ffn_down input is 18944 wide: 1.4 GB per block in float32, 40 GB for the model); their
+  output error is measured through the diagonal of H, the imatrix, instead.
 - `token_counts`: how often each token id occurs (the token embedding is a row lookup, not a matmul).
 
 The model is walked one decoder block at a time, GPTQ's `llama_sequential` pattern: the inputs of block 0 are
@@ -203,9 +205,25 @@ def block_on_device(block: nn.Module, device: torch.device):
         block.to(device=home_device, dtype=home_dtype)
 
 
+@contextlib.contextmanager
+def float32_params(module: nn.Module):
+    """Run `module` with float32 parameters while its model keeps its own storage dtype: bf16/f16 parameters
+    are swapped for float32 copies (exact) and put back after, float32 ones are used as they are. A 7B model
+    then sits on the GPU in bf16 (15 GB) and still computes in float32, one block's copies at a time."""
+    saved = [(p, p.data) for p in module.parameters() if p.is_floating_point() and p.dtype != COMPUTE_DTYPE]
+    try:
+        for p, data in saved:
+            p.data = data.to(COMPUTE_DTYPE)
+        yield module
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
 def run_block(block: nn.Module, batch: BlockBatch) -> torch.Tensor:
-    """The block's output hidden states for one micro-batch."""
-    out = block(batch.hidden, **batch.kwargs)
+    """The block's output hidden states for one micro-batch, computed in float32."""
+    with float32_params(block):
+        out = block(batch.hidden, **batch.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -332,14 +350,16 @@ def ids_fingerprint(ids: torch.Tensor) -> str:
 @torch.no_grad()
 def collect_statistics(model: nn.Module, calib_ids: torch.Tensor, device="auto", batch_size: int = 8,
                        with_gram: bool = True, gram_samples: int | None = None,
-                       gram_product_dtype: torch.dtype = torch.float32, gram_dtype: torch.dtype = torch.float32,
+                       gram_max_dim: int | None = None, gram_product_dtype: torch.dtype = torch.float32,
+                       gram_dtype: torch.dtype = torch.float32,
                        progress: bool = True) -> CalibStats:
     """Run the calibration windows through the model block by block and collect every linear's statistics.
 
     Sums of squares use every window. Grams use the first `gram_samples` windows (default all): they cost as
     much as the forward pass itself on a CPU, and a few tens of thousands of tokens pin an output-error ratio
     down well. Micro-batch products are formed in `gram_product_dtype` and summed in float64; Grams are stored
-    as `gram_dtype` (float64 with a float64 product for exactness tests).
+    as `gram_dtype` (float64 with a float64 product for exactness tests). Inputs wider than `gram_max_dim`
+    (None: no limit) get only their sums of squares.
     """
     device = resolve_device(device)
     calib_ids = calib_ids.to(torch.long)
@@ -368,7 +388,8 @@ def collect_statistics(model: nn.Module, calib_ids: torch.Tensor, device="auto",
                     batch.hidden = run_block(block, batch)
                     for key, (x, names) in recorder.take().items():
                         if key not in accumulators:
-                            accumulators[key] = _Accumulator(x.shape[-1], device, with_gram, gram_tokens_max,
+                            wants_gram = with_gram and (gram_max_dim is None or x.shape[-1] <= gram_max_dim)
+                            accumulators[key] = _Accumulator(x.shape[-1], device, wants_gram, gram_tokens_max,
                                                              gram_product_dtype)
                             readers[key] = names
                         accumulators[key].add(x)
@@ -378,7 +399,9 @@ def collect_statistics(model: nn.Module, calib_ids: torch.Tensor, device="auto",
             store(accumulators[key], f"{prefix}{key}.input", [f"{prefix}{n}.weight" for n in names])
     # The output head reads the final-normed hidden states; its logits are not needed for statistics.
     norm = final_norm_on(model, device)
-    head = _Accumulator(batches[0].hidden.shape[-1], device, with_gram, gram_tokens_max, gram_product_dtype)
+    n_hidden = batches[0].hidden.shape[-1]
+    head = _Accumulator(n_hidden, device, with_gram and (gram_max_dim is None or n_hidden <= gram_max_dim),
+                        gram_tokens_max, gram_product_dtype)
     for batch in batches:
         head.add(norm(batch.hidden))
     head_name = output_weight_name(model)
@@ -495,16 +518,20 @@ def read_imatrix_gguf(path: str | os.PathLike) -> tuple[dict[str, "np.ndarray"],
 # ---------------------------------------------------------------------------------------------------------
 
 def cached_statistics(model: nn.Module, calib_ids: torch.Tensor, device="auto", batch_size: int = 8,
-                      gram_samples: int | None = None, cache_dir=None) -> CalibStats:
+                      gram_samples: int | None = None, cache_dir=None, gram_max_dim: int | None = None
+                      ) -> CalibStats:
     """Statistics from `cache_dir` when this model and these windows were seen before, else collected and
     saved there (an interrupted run resumes without collecting again)."""
+    collect = lambda: collect_statistics(model, calib_ids, device, batch_size, gram_samples=gram_samples,
+                                         gram_max_dim=gram_max_dim)
     if cache_dir is None:
-        return collect_statistics(model, calib_ids, device, batch_size, gram_samples=gram_samples)
-    key = f"{model_fingerprint(model)}-{ids_fingerprint(calib_ids)}-g{gram_samples}"
+        return collect()
+    cap = "" if gram_max_dim is None else f"-d{gram_max_dim}"
+    key = f"{model_fingerprint(model)}-{ids_fingerprint(calib_ids)}-g{gram_samples}{cap}"
     path = Path(cache_dir) / f"stats-{key}.pt"
     if path.is_file():
         return load_statistics(path)
-    stats = collect_statistics(model, calib_ids, device, batch_size, gram_samples=gram_samples)
+    stats = collect()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_statistics(stats, path)
     return stats
@@ -544,6 +571,8 @@ def main(argv=None) -> None:
     add_data_args(parser)
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward call")
     parser.add_argument("--gram_samples", type=int, default=None, help="windows summed into the Grams (all)")
+    parser.add_argument("--gram_max_dim", type=int, default=None,
+                        help="no Gram for inputs wider than this (default: no limit)")
     parser.add_argument("--with_gram", action="store_true",
                         help="also collect and save the input Gram matrices (large: hidden^2 floats per input)")
     parser.add_argument("--output", default="calib_stats.pt", help="statistics file (torch, weights_only)")
@@ -557,7 +586,7 @@ def main(argv=None) -> None:
         ids = data_utils.get_calib_dataset(source, tokenizer, args.n_samples, args.seq_len, args.seed,
                                            chat=args.calib_chat)
         stats = collect_statistics(model, ids, args.device, args.batch_size, with_gram=args.with_gram,
-                                   gram_samples=args.gram_samples)
+                                   gram_samples=args.gram_samples, gram_max_dim=args.gram_max_dim)
         stats.meta["source"] = data_utils.describe_source(source)
         save_statistics(stats, args.output)
         if args.imatrix:

@@ -27,8 +27,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import eval_utils  # first: it loads llama.cpp before numpy (see there)
 import compare_report
-import eval_utils
 from eval_utils import CompareError
 
 DEFAULTS = {

@@ -46,6 +46,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+# llama.cpp before numpy: with a CUDA build of llama.cpp (H100, CUDA 13, torch 2.11+cu130 image) a process that
+# had imported numpy first died with a segfault at the model load; in this order it runs. A missing
+# llama-cpp-python is reported where it is needed.
+try:
+    import llama_cpp  # noqa: F401
+except ImportError:
+    pass
 import numpy as np
 
 REPO_DIR = Path(__file__).resolve().parent

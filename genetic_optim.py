@@ -52,7 +52,15 @@ BLOCK32_MENU = ("Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 # 6 types measured on the same 512 tokens) 51 of 55 predictions fell within 0.8-1.25x of the measurement,
 # median 1.02x; worst 1.8x (Q4_1/Q5_1 on an attn_v, whose asymmetric grid errs in less harmful directions).
 DEFAULT_KLD_TYPES = ("Q4_K", "Q4_0")
-SENSITIVITY_FORMAT_VERSION = 2   # 2: tied embeddings quantized with the head's imatrix
+SENSITIVITY_FORMAT_VERSION = 3   # 2: tied embeddings quantized with the head's imatrix; 3: row samples
+# The output error of a type whose KLD is not measured needs only some rows quantized (ggml quantizes rows
+# independently, so a row of the sample is bit for bit that row of the whole tensor): tensors over
+# SAMPLE_ABOVE_WEIGHTS get an evenly spread row sample of about SAMPLE_WEIGHTS weights. On the Qwen2.5-7B
+# shape (H100, 16 cores) quantizing every row of every candidate took 23 s per block, 13 minutes in all; the
+# SmolLM2-135M demo's tensors are all below the threshold. A lookup-only embedding's error is measured on the
+# rows of the tokens that occur, which is exact.
+SAMPLE_ABOVE_WEIGHTS = 32 * 2**20
+SAMPLE_WEIGHTS = 8 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,6 +138,14 @@ def gram_output_energy(weight: torch.Tensor, gram: torch.Tensor) -> float:
     return float(torch.einsum("oi,oi->", w @ gram, w))
 
 
+def diagonal_output_error(weight: torch.Tensor, new_weight: torch.Tensor, mean_sq_input: torch.Tensor) -> float:
+    """sum_j h_j sum_i dW_ij^2 with h the mean squared input (H's diagonal / N): the output error with the
+    inputs' correlations ignored, for inputs too wide to keep a Gram of (what llama.cpp's quantizer weighs)."""
+    h = mean_sq_input.to(device=weight.device, dtype=torch.float64)
+    dw = new_weight.to(device=weight.device, dtype=torch.float64) - weight.to(torch.float64)
+    return float(dw.square().sum(0) @ h)
+
+
 def rows_output_error(weight: torch.Tensor, new_weight: torch.Tensor, token_counts: torch.Tensor) -> float:
     """Relative error of an embedding lookup over the calibration tokens: sum_r c_r |dE_r|^2 / sum_r c_r |E_r|^2."""
     c = token_counts.to(torch.float64)
@@ -169,10 +185,16 @@ class HeldOutCache:
     """The held-out windows' hidden states entering every block, and the original model's logits.
 
     With these, the damage of changing tensors in block i costs only blocks i.. and the head. The reference
-    logits come from the same code path, so an unchanged weight gives KL = 0 exactly.
+    logits come from the same code path, so an unchanged weight gives KL = 0 exactly. `keep_block_inputs`
+    False keeps only block 0's inputs (for whole-model measurements: a 7B model's 29 x tokens x 3584 floats
+    are gigabytes). The head runs on at most `KL_ROWS` tokens at a time (a 152k vocabulary's logits for
+    thousands of tokens would be gigabytes too).
     """
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, device: torch.device, batch_size: int):
+    KL_ROWS = 1024
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, device: torch.device, batch_size: int,
+                 keep_block_inputs: bool = True):
         self.model = model
         self.device = device
         self.ids = [ids[s:s + batch_size] for s in range(0, ids.shape[0], batch_size)]
@@ -186,15 +208,30 @@ class HeldOutCache:
         with torch.no_grad():
             for block in self.blocks:
                 hidden = [calib_stats.run_block(block, BlockBatch(h, kw)) for h, kw in zip(hidden, self.kwargs)]
-                self.block_inputs.append(hidden)
-            self.ref_logits = [self._logits(h) for h in hidden]
+                if keep_block_inputs:
+                    self.block_inputs.append(hidden)
+            self.ref_logits = [torch.cat([self._logits(rows) for rows in self._row_chunks(h)]) for h in hidden]
         self.ref_probs = [torch.softmax(z, -1) for z in self.ref_logits]
         self.n_tokens = int(ids.numel())
         self._stacked: dict[tuple[int, int], dict] = {}
 
+    def _row_chunks(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return hidden.reshape(-1, hidden.shape[-1]).split(self.KL_ROWS)
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        z = self.head(self.norm(hidden))
+        with calib_stats.float32_params(self.norm), calib_stats.float32_params(self.head):
+            z = self.head(self.norm(hidden))
         return z.reshape(-1, z.shape[-1]).float()
+
+    def _kl_sum(self, mb: int, hidden: torch.Tensor) -> float:
+        """Summed KL over micro-batch `mb`'s tokens of the logits from these final hidden states."""
+        total, start = 0.0, 0
+        for rows in self._row_chunks(hidden):
+            end = start + rows.shape[0]
+            kl = kl_per_token(self.ref_logits[mb][start:end], self.ref_probs[mb][start:end], self._logits(rows))
+            total += float(kl.double().sum())
+            start = end
+        return total
 
     def _stacked_kwargs(self, mb: int, n_variants: int) -> dict:
         """Block keyword arguments for `n_variants` copies of micro-batch `mb` stacked along the batch."""
@@ -228,8 +265,7 @@ class HeldOutCache:
             for later in self.blocks[start_block + 1:]:
                 hidden = calib_stats.run_block(later, BlockBatch(hidden, stacked_kwargs))
             for v, h in enumerate(hidden.split(h_in.shape[0])):
-                kl = kl_per_token(self.ref_logits[mb], self.ref_probs[mb], self._logits(h))
-                totals[v] += float(kl.double().sum())
+                totals[v] += self._kl_sum(mb, h)
         return [t / self.n_tokens for t in totals]
 
     @torch.no_grad()
@@ -246,20 +282,33 @@ class HeldOutCache:
                 hidden, start = self.block_inputs[start_block][mb], start_block
             for block in self.blocks[start:]:
                 hidden = calib_stats.run_block(block, BlockBatch(hidden, kwargs))
-            kl = kl_per_token(self.ref_logits[mb], self.ref_probs[mb], self._logits(hidden))
-            total += float(kl.double().sum())
+            total += self._kl_sum(mb, hidden)
         return total / self.n_tokens
+
+    @torch.no_grad()
+    def kld_mean_blockwise(self, block_weights: Callable[[int], dict[str, torch.Tensor]]) -> float:
+        """Mean KL of the model as it is now with block i's weights replaced by `block_weights(i)` only while
+        block i runs: every micro-batch goes through one block before the next, so one block's replaced
+        float32 weights are on the device at a time (a 7B model's would not fit beside the model)."""
+        hidden = [calib_stats.catch_block_inputs(self.model, ids, ids.shape[0], self.device)[0].hidden
+                  for ids in self.ids]
+        for index, block in enumerate(self.blocks):
+            with replaced_weights(self.model, block_weights(index)):
+                hidden = [calib_stats.run_block(block, BlockBatch(h, kw)) for h, kw in zip(hidden, self.kwargs)]
+        return sum(self._kl_sum(mb, h) for mb, h in enumerate(hidden)) / self.n_tokens
 
 
 @contextlib.contextmanager
 def replaced_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
-    """Temporarily give parameters new values (a tied embedding changes in both of its uses)."""
+    """Temporarily give parameters new values, kept in float32 whatever the model's storage dtype (a
+    quantized weight rounded to bf16 would not be the weight llama.cpp holds); a tied embedding changes in
+    both of its uses."""
     saved = {}
     try:
         for name, value in weights.items():
             param = model.get_parameter(name)
             saved[name] = param.data
-            param.data = value.to(device=param.device, dtype=param.dtype)
+            param.data = value.to(device=param.device, dtype=calib_stats.COMPUTE_DTYPE)
         yield model
     finally:
         for name, data in saved.items():
@@ -307,8 +356,10 @@ class ResultCache:
 class LayerSensitivityAnalyzer:
     """Sensitivity of every quantizable tensor to every candidate GGUF type (see the module docstring).
 
-    The model is moved to `device` in float32 for the analysis (the KLD re-runs the tail of the network many
-    times). `holdout_ids` [n, seq_len] must not overlap the windows the statistics came from; they run in
+    The model is moved to `device` in its own dtype and computes in float32 one block at a time
+    (calib_stats.float32_params; the KLD re-runs the tail of the network many times, and a 7B model in bf16
+    leaves room on a 40 GB budget that its float32 copy would not). `holdout_ids` [n, seq_len] must not
+    overlap the windows the statistics came from; they run in
     micro-batches of `kld_batch_size` windows, and the KLDs of up to `kld_stack` perturbations of one block
     run together as one batch of `kld_stack x kld_batch_size` windows through the later blocks.
     """
@@ -318,7 +369,7 @@ class LayerSensitivityAnalyzer:
                  kld_types: str | Sequence[str] = DEFAULT_KLD_TYPES, kld_batch_size: int = 4,
                  kld_stack: int = 8, progress: bool = True):
         self.device = calib_stats.resolve_device(device)
-        self.model = model.to(device=self.device, dtype=calib_stats.COMPUTE_DTYPE).eval()
+        self.model = model.to(device=self.device).eval()
         self.stats = stats
         self.holdout_ids = holdout_ids.to(torch.long)
         self.tensors = quantizable_tensors(model, k_menu, block32_menu)
@@ -350,25 +401,47 @@ class LayerSensitivityAnalyzer:
         return self.kld_types == "all" or (self.kld_types != "none" and qtype in self.kld_types)
 
     def quantized_weight(self, spec: TensorSpec, qtype: str) -> torch.Tensor:
-        """The tensor as llama.cpp will hold it in `qtype` (ggml round trip, imatrix-weighted)."""
+        """The tensor as llama.cpp will hold it in `qtype` (ggml round trip, imatrix-weighted), float32 on the
+        CPU (moved to the device only while a measurement uses it)."""
         weight = self.model.get_parameter(spec.name).detach()
-        return fake_quantize(weight, qtype, self.imatrix_of(spec))
+        return fake_quantize(weight.cpu(), qtype, self.imatrix_of(spec))
+
+    def error_rows(self, spec: TensorSpec) -> torch.Tensor | None:
+        """The rows the output error is measured on (None: all; see SAMPLE_ABOVE_WEIGHTS)."""
+        n_rows, n_per_row = spec.shape
+        if spec.is_embedding and not spec.feeds_logits:
+            counts = self.stats.token_counts[:n_rows]
+            return torch.nonzero(counts > 0).flatten() if (counts == 0).any() else None
+        if n_rows * n_per_row <= SAMPLE_ABOVE_WEIGHTS:
+            return None
+        return torch.linspace(0, n_rows - 1, max(1, SAMPLE_WEIGHTS // n_per_row)).round().long().unique()
 
     def imatrix_of(self, spec: TensorSpec) -> torch.Tensor | None:
         """What the quantizer is given for this tensor (see `quantizer_imatrix`)."""
         return quantizer_imatrix(spec, self.stats, calib_stats.output_weight_name(self.model))
 
-    def output_error(self, spec: TensorSpec, new_weight: torch.Tensor) -> dict:
+    def output_error(self, spec: TensorSpec, new_weight: torch.Tensor, rows: torch.Tensor | None = None) -> dict:
         """`rel_out_err` (the matmul output, through H; a lone embedding's lookup output) and, for embeddings,
-        `rel_rows_err` (the lookup output weighted by token frequency)."""
+        `rel_rows_err` (the lookup output weighted by token frequency); over `rows` only when given (then
+        `new_weight` holds just those rows)."""
         weight = self.model.get_parameter(spec.name).detach()
+        counts = self.stats.token_counts
+        if rows is not None:
+            weight, counts = weight[rows.to(weight.device)], counts[rows]
         out = {}
         if spec.is_embedding:
-            out["rel_rows_err"] = rows_output_error(weight, new_weight, self.stats.token_counts)
+            out["rel_rows_err"] = rows_output_error(weight, new_weight, counts)
         if spec.is_embedding and not spec.feeds_logits:
             out["rel_out_err"] = out["rel_rows_err"]
             return out
         matmul_name = calib_stats.output_weight_name(self.model) if spec.feeds_logits else spec.name
+        if matmul_name not in self.stats.gram_key:          # too wide for a Gram: through its diagonal
+            h = self.stats.imatrix(matmul_name)
+            if spec.name not in self._energy:
+                self._energy[spec.name] = diagonal_output_error(weight, torch.zeros_like(weight), h)
+            out["rel_out_err"] = diagonal_output_error(weight, new_weight, h) / self._energy[spec.name]
+            out["out_err_diagonal"] = True
+            return out
         gram = self.stats.gram_of(matmul_name)[0].to(self.device)
         if spec.name not in self._energy:
             self._energy[spec.name] = gram_output_energy(weight, gram)
@@ -438,15 +511,25 @@ class LayerSensitivityAnalyzer:
             out[(spec.name, fmt)] = kld
         return out
 
-    def measure_errors(self, spec: TensorSpec, qtype: str) -> tuple[dict, torch.Tensor]:
-        """Quantize one tensor to one type; its entry with the output errors, and the quantized weight."""
+    def measure_errors(self, spec: TensorSpec, qtype: str, whole: bool = True
+                       ) -> tuple[dict, torch.Tensor | None]:
+        """Quantize one tensor to one type; its entry with the output errors (on `error_rows`), and the whole
+        quantized weight, or None when `whole` is False and a row sample sufficed."""
         t0 = time.perf_counter()
-        new_weight = self.quantized_weight(spec, qtype)
+        rows = self.error_rows(spec)
+        if whole or rows is None:
+            new_weight = self.quantized_weight(spec, qtype)
+            new_rows = new_weight if rows is None else new_weight[rows]
+        else:
+            weight = self.model.get_parameter(spec.name).detach()
+            new_weight = None
+            new_rows = fake_quantize(weight[rows.to(weight.device)].cpu(), qtype, self.imatrix_of(spec))
         entry = {"tensor": spec.name, "type": qtype, "kind": spec.kind, "block": spec.block,
                  "bits_per_weight": get_type(qtype).bits_per_weight,
                  "size_bytes": get_type(qtype).tensor_size_bytes(spec.shape),
-                 **self.output_error(spec, new_weight), "kld_mean": None, "kld_tokens": 0,
-                 "seconds": time.perf_counter() - t0}
+                 **self.output_error(spec, new_rows, rows),
+                 "error_rows": spec.shape[0] if rows is None else int(rows.numel()),
+                 "kld_mean": None, "kld_tokens": 0, "seconds": time.perf_counter() - t0}
         return entry, new_weight
 
     def _measure_group(self, pairs: list[tuple[TensorSpec, str]], on_entry) -> list[dict]:
@@ -458,7 +541,9 @@ class LayerSensitivityAnalyzer:
         for spec, qtype in pairs:
             entry = self.cache.get(spec.name, qtype)
             if entry is None:
-                entry, weights[(spec.name, qtype)] = self.measure_errors(spec, qtype)
+                entry, new_weight = self.measure_errors(spec, qtype, whole=self.wants_kld(qtype))
+                if new_weight is not None:
+                    weights[(spec.name, qtype)] = new_weight
                 fresh.add((spec.name, qtype))
             entries[(spec.name, qtype)] = entry
         irregular = irregular_tensors(list(entries.values()))
@@ -732,7 +817,9 @@ class AllocationProblem:
     `menus[i]` lists tensor i's candidate types in ascending size; `size_bytes[i, j]` is the bytes the tensor
     takes in the file as menu entry j (alignment padding included), `damage[i, j]` its predicted damage
     (single-tensor KLD); entries past a menu's end are inf. `fixed_bytes` is the rest of the file (header,
-    metadata, unquantized tensors), so `fixed_bytes + sum(size)` is the exact file size.
+    metadata, unquantized tensors), so `fixed_bytes + sum(size)` is the exact file size. With a decode cost
+    table, `decode_s[i, j]` is the predicted decode seconds per token the entry adds and `base_decode_s` the
+    rest (decode_speed.py), so `base_decode_s + sum(decode_s)` is the predicted decode time.
     """
     tensor_names: list[str]
     menus: list[list[str]]
@@ -740,18 +827,30 @@ class AllocationProblem:
     damage: np.ndarray
     fixed_bytes: int
     block_ids: np.ndarray  # decoder block of each tensor; -1 for embedding and output
+    decode_s: np.ndarray | None = None
+    base_decode_s: float = 0.0
 
     @classmethod
-    def build(cls, tensor_names, menus, size_bytes, damage, fixed_bytes, block_ids):
+    def build(cls, tensor_names, menus, size_bytes, damage, fixed_bytes, block_ids,
+              decode_s: Sequence[dict[str, float]] | None = None, base_decode_s: float = 0.0):
         menus = [pareto_menu(m, s, d) for m, s, d in zip(menus, size_bytes, damage)]
         n, width = len(tensor_names), max(len(m) for m in menus)
         sizes = np.full((n, width), np.inf)
         dmg = np.full((n, width), np.inf)
+        times = None if decode_s is None else np.full((n, width), np.inf)
         for i, menu in enumerate(menus):
             sizes[i, :len(menu)] = [size for _, size, _ in menu]
             dmg[i, :len(menu)] = [d for _, _, d in menu]
+            if times is not None:
+                times[i, :len(menu)] = [decode_s[i][t] for t, _, _ in menu]
         return cls(list(tensor_names), [[t for t, _, _ in m] for m in menus], sizes, dmg, int(fixed_bytes),
-                   np.asarray(block_ids))
+                   np.asarray(block_ids), times, float(base_decode_s))
+
+    def decode_seconds(self, genome: np.ndarray) -> float | None:
+        """Predicted decode seconds per token (None without a decode cost table)."""
+        if self.decode_s is None:
+            return None
+        return self.base_decode_s + float(self.decode_s[np.arange(len(genome)), genome].sum())
 
     @property
     def menu_lengths(self) -> np.ndarray:
@@ -789,10 +888,13 @@ class AllocationProblem:
         return genome
 
 
-def repair(problem: AllocationProblem, genome: np.ndarray, budget_bytes: int) -> np.ndarray:
-    """Fit a genome to the budget: downgrade where predicted damage per byte saved is least, then spend the
-    spare bytes on the upgrades with the most damage removed per byte. The result is always within budget
-    (the budget is checked to be feasible up front)."""
+def repair(problem: AllocationProblem, genome: np.ndarray, budget_bytes: int,
+           time_limit_s: float | None = None) -> np.ndarray:
+    """Fit a genome to the budget: downgrade where predicted damage per byte saved is least; with a decode
+    time limit, then swap types where the most time is saved per damage added (within the budget); then
+    spend the spare bytes on the upgrades with the most damage removed per byte that keep to the limit. The
+    result is always within budget (the budget is checked to be feasible up front); within the time limit
+    when some swap sequence gets there (`decode_seconds` says)."""
     g = genome.copy()
     rows = np.arange(len(g))
     size = problem.file_size_bytes(g)
@@ -807,12 +909,19 @@ def repair(problem: AllocationProblem, genome: np.ndarray, budget_bytes: int) ->
             raise ValueError(f"budget {budget_bytes:,} bytes is below the smallest assignment")
         size -= int(saved[i])
         g[i] -= 1
+    timed = time_limit_s is not None and problem.decode_s is not None
+    if timed:
+        g, size = _speed_up(problem, g, size, budget_bytes, time_limit_s)
+    slack_s = time_limit_s - problem.decode_seconds(g) if timed else np.inf
     last = problem.menu_lengths - 1
     while True:
         can = g < last
         upper = np.where(can, g + 1, g)
         extra = problem.size_bytes[rows, upper] - problem.size_bytes[rows, g]
         can &= extra <= budget_bytes - size
+        if timed:
+            extra_s = problem.decode_s[rows, upper] - problem.decode_s[rows, g]
+            can &= extra_s <= max(slack_s, 0.0)
         if not can.any():
             return g
         gain = (problem.damage[rows, g] - problem.damage[rows, upper]) / np.where(extra > 0, extra, 1)
@@ -821,15 +930,41 @@ def repair(problem: AllocationProblem, genome: np.ndarray, budget_bytes: int) ->
         if gain[i] <= 0:
             return g
         size += int(extra[i])
+        if timed:
+            slack_s -= float(extra_s[i])
         g[i] += 1
 
 
-def greedy_allocation(problem: AllocationProblem, budget_bytes: int) -> np.ndarray:
+def _speed_up(problem: AllocationProblem, g: np.ndarray, size: int, budget_bytes: int, time_limit_s: float
+              ) -> tuple[np.ndarray, int]:
+    """Swap tensors to faster types (any entry of their menu), most decode time saved per damage added first,
+    each swap within the byte budget, until the predicted time is within the limit or no swap saves time."""
+    rows = np.arange(len(g))[:, None]
+    valid = np.isfinite(problem.size_bytes)
+    while problem.decode_seconds(g) > time_limit_s:
+        cur = g[:, None]
+        saved_s = problem.decode_s[rows, cur] - problem.decode_s          # > 0: faster
+        extra_b = problem.size_bytes - problem.size_bytes[rows, cur]
+        added = problem.damage - problem.damage[rows, cur]
+        ok = valid & (saved_s > 0) & (extra_b <= budget_bytes - size)
+        if not ok.any():
+            break
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = np.where(ok, saved_s / np.maximum(added, 1e-12), -np.inf)
+        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+        size += int(extra_b[i, j])
+        g[i] = j
+    return g, size
+
+
+def greedy_allocation(problem: AllocationProblem, budget_bytes: int, time_limit_s: float | None = None
+                      ) -> np.ndarray:
     """The classical allocator: from the smallest types, upgrade by damage removed per byte until full."""
-    return repair(problem, problem.smallest(), budget_bytes)
+    return repair(problem, problem.smallest(), budget_bytes, time_limit_s)
 
 
-def lagrangian_allocation(problem: AllocationProblem, budget_bytes: int, iters: int = 60) -> np.ndarray:
+def lagrangian_allocation(problem: AllocationProblem, budget_bytes: int, iters: int = 60,
+                          time_limit_s: float | None = None) -> np.ndarray:
     """Knapsack by Lagrange multiplier (exllamav2-style): each tensor minimises damage + lam * bytes; lam is
     bisected to the budget, then the result is repaired to fill or fit it exactly."""
     lo, hi = 0.0, 1.0
@@ -839,7 +974,7 @@ def lagrangian_allocation(problem: AllocationProblem, budget_bytes: int, iters: 
     for _ in range(iters):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if problem.file_size_bytes(pick(mid)) > budget_bytes else (lo, mid)
-    return repair(problem, pick(hi), budget_bytes)
+    return repair(problem, pick(hi), budget_bytes, time_limit_s)
 
 
 @dataclass
@@ -858,11 +993,15 @@ class MixedPrecisionGA:
     damages); each generation the best few not yet measured get the end-to-end KLD of the fake-quantized
     model (`measure_fn`), and from then on rank by it, the proxy being rescaled to the measured values. The
     answer is the individual with the lowest measured KLD, never the proxy's favourite alone.
+
+    With `time_limit_s` (and a problem with decode costs) every individual is also repaired toward the predicted
+    decode-time limit; one still over it ranks behind every individual within it and is never the answer.
     """
 
     def __init__(self, problem: AllocationProblem, budget_bytes: int, pop_size: int = 20, generations: int = 12,
                  measure_fn=None, measures_per_generation: int = 2, seed: int = 0, seed_genomes=(),
-                 elite: int = 2, tournament_size: int = 3, mutation_rate: float | None = None):
+                 elite: int = 2, tournament_size: int = 3, mutation_rate: float | None = None,
+                 time_limit_s: float | None = None):
         low, high = problem.feasible_range()
         if not low <= budget_bytes:
             raise ValueError(f"budget {budget_bytes:,} bytes is below the smallest assignment ({low:,} bytes); "
@@ -875,16 +1014,25 @@ class MixedPrecisionGA:
         self.elite, self.tournament_size = elite, tournament_size
         self.mutation_rate = mutation_rate or 2.0 / len(problem.menus)
         self.measured: dict[bytes, float] = {}
+        self.time_limit_s = time_limit_s if problem.decode_s is not None else None
+
+    def _repair(self, genome: np.ndarray) -> np.ndarray:
+        return repair(self.problem, genome, self.budget_bytes, self.time_limit_s)
+
+    def too_slow(self, genome: np.ndarray) -> bool:
+        """Predicted decode time over the limit (never, without one)."""
+        return self.time_limit_s is not None and self.problem.decode_seconds(genome) > self.time_limit_s * (1 + 1e-9)
 
     # -- operators -------------------------------------------------------------------------------------
     def initialize_population(self) -> list[np.ndarray]:
         """Presets that fit, the greedy and Lagrangian solutions, then random individuals, all repaired."""
         p = self.problem
-        population = [repair(p, g, self.budget_bytes) for g in self.seed_genomes]
-        population += [greedy_allocation(p, self.budget_bytes), lagrangian_allocation(p, self.budget_bytes)]
+        population = [self._repair(g) for g in self.seed_genomes]
+        population += [greedy_allocation(p, self.budget_bytes, self.time_limit_s),
+                       lagrangian_allocation(p, self.budget_bytes, time_limit_s=self.time_limit_s)]
         while len(population) < self.pop_size:
             random_genome = (self.rng.random(len(p.menus)) * p.menu_lengths).astype(np.int64)
-            population.append(repair(p, random_genome, self.budget_bytes))
+            population.append(self._repair(random_genome))
         return self._unique(population)[:self.pop_size] if len(population) > self.pop_size else population
 
     def crossover(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -912,12 +1060,17 @@ class MixedPrecisionGA:
         return np.array([self.problem.predicted_damage(g) for g in population])
 
     def _fitness(self, population) -> np.ndarray:
-        """Measured KLD where known; elsewhere the proxy scaled by the median measured/proxy ratio."""
+        """Measured KLD where known; elsewhere the proxy scaled by the median measured/proxy ratio; an
+        individual over the decode-time limit behind all others (by how far over)."""
         proxy = self._proxy(population)
         ratios = [kld / max(self.problem.predicted_damage(np.frombuffer(k, dtype=np.int64)), 1e-12)
                   for k, kld in self.measured.items()]
         scale = float(np.median(ratios)) if ratios else 1.0
-        return np.array([self.measured.get(g.tobytes(), p * scale) for g, p in zip(population, proxy)])
+        fitness = np.array([self.measured.get(g.tobytes(), p * scale) for g, p in zip(population, proxy)])
+        for i, g in enumerate(population):
+            if self.too_slow(g):
+                fitness[i] = 1e6 * (1 + self.problem.decode_seconds(g) / self.time_limit_s)
+        return fitness
 
     def _measure_best(self, population) -> None:
         """Measure the end-to-end KLD of the best individuals (by current fitness) not measured yet."""
@@ -965,16 +1118,19 @@ class MixedPrecisionGA:
             children = [population[i] for i in order[:self.elite]]
             while len(children) < self.pop_size:
                 a, b = self._tournament(population, fitness), self._tournament(population, fitness)
-                child = repair(self.problem, self.mutate(self.crossover(a, b)), self.budget_bytes)
+                child = self._repair(self.mutate(self.crossover(a, b)))
                 children.append(child)
             population = children
         self._measure_best(population)
-        if self.measured:
-            key = min(self.measured, key=self.measured.get)
+        fast_enough = {k: v for k, v in self.measured.items()
+                       if not self.too_slow(np.frombuffer(k, dtype=np.int64))}
+        if fast_enough:
+            key = min(fast_enough, key=fast_enough.get)
             best = np.frombuffer(key, dtype=np.int64).copy()
             kld = self.measured[key]
         else:
-            best = min(population, key=self.problem.predicted_damage)
+            ok = [g for g in population if not self.too_slow(g)] or population
+            best = min(ok, key=self.problem.predicted_damage)
             kld = None
         return GAResult(best, kld, self.problem.predicted_damage(best), history, dict(self.measured))
 
@@ -993,7 +1149,8 @@ class AssignmentEvaluator:
 
     def __init__(self, analyzer: LayerSensitivityAnalyzer, ids: torch.Tensor, batch_size: int = 4):
         self.analyzer = analyzer
-        self.held_out = HeldOutCache(analyzer.model, ids.to(torch.long), analyzer.device, batch_size)
+        self.held_out = HeldOutCache(analyzer.model, ids.to(torch.long), analyzer.device, batch_size,
+                                     keep_block_inputs=False)
         self.specs = {s.name: s for s in analyzer.tensors}
         self.raw: dict[tuple[str, str], bytes] = {}
         self.results: dict[tuple, float] = {}
@@ -1006,10 +1163,17 @@ class AssignmentEvaluator:
         return torch.from_numpy(dequantize(self.raw[(name, qtype)], qtype, spec.shape))
 
     def kld_mean(self, tensor_types: dict[str, str]) -> float:
+        """Measured mean KLD of an assignment; the blocks' weights are decoded and replaced one block at a time."""
         key = tuple(sorted(tensor_types.items()))
         if key not in self.results:
-            weights = {name: self.weight(name, qtype) for name, qtype in tensor_types.items()}
-            with replaced_weights(self.analyzer.model, weights), \
+            in_block: dict[int, list[str]] = {}
+            for name in tensor_types:
+                if self.specs[name].block is not None:
+                    in_block.setdefault(self.specs[name].block, []).append(name)
+            outside = {name: self.weight(name, qtype) for name, qtype in tensor_types.items()
+                       if self.specs[name].block is None}
+            with replaced_weights(self.analyzer.model, outside), \
                     activation_rounding.rounded_linear_inputs(self.analyzer.model, tensor_types):
-                self.results[key] = self.held_out.kld_mean(None)
+                self.results[key] = self.held_out.kld_mean_blockwise(
+                    lambda i: {n: self.weight(n, tensor_types[n]) for n in in_block.get(i, [])})
         return self.results[key]

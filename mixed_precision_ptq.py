@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import calib_stats
 import data_utils
+import decode_speed
 import genetic_optim as go
 import gguf_plan
 import quant_utils
@@ -62,10 +63,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--measure_samples", type=int, default=8,
                    help="held-out windows of --seq_len tokens for the GA's measured KLD")
     p.add_argument("--gram_samples", type=int, default=32, help="calibration windows summed into the Grams")
+    p.add_argument("--gram_max_dim", type=int, default=8192,
+                   help="no Gram for inputs wider than this (their output error goes through the imatrix)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward call")
     p.add_argument("--smooth", default="off", type=smooth_mode,
                    help="SmoothQuant-style exact rescaling before quantization: off, auto (strength searched per "
                         "block, kept only where it lowers the output error) or a fixed strength in (0, 1)")
+    p.add_argument("--max_slowdown", type=float, default=None,
+                   help="predicted decode time at most this times the uniform preset's of the same size (e.g. 1.0; "
+                        "measures a per-type decode cost table on this machine's llama.cpp backend, cached)")
+    p.add_argument("--decode_costs", default=None,
+                   help="decode cost table (JSON from decode_speed.py) to use instead of measuring one here, "
+                        "e.g. one measured on the machine that will run the model")
     p.add_argument("--cache_dir", default="models/cache", help="statistics and sensitivity cache (resumable)")
     return p.parse_args(argv)
 
@@ -116,9 +125,10 @@ def bits_per_weight(info: gguf_plan.ModelInfo, file_size: int) -> float:
     return 8 * (file_size - metadata_bytes(info)) / info.n_params
 
 
-def build_problem(info, table: go.SensitivityTable, allowed_types) -> go.AllocationProblem:
+def build_problem(info, table: go.SensitivityTable, allowed_types,
+                  costs: decode_speed.DecodeCosts | None = None) -> go.AllocationProblem:
     """The allocation table: each tensor's menu, exact file bytes per type and predicted damage (weight
-    error plus input rounding, `genetic_optim.entry_damage`)."""
+    error plus input rounding, `genetic_optim.entry_damage`); with `costs`, predicted decode seconds too."""
     shapes = gguf_plan.quantizable_tensors(info)
     if set(table.tensors()) != set(shapes):
         missing = sorted(set(shapes) ^ set(table.tensors()))[:3]
@@ -137,7 +147,27 @@ def build_problem(info, table: go.SensitivityTable, allowed_types) -> go.Allocat
         sizes.append([gguf_plan.gguf_tensor_bytes(info, name, e["type"]) for e in entries])
         damages.append([go.entry_damage(e) for e in entries])
         blocks.append(-1 if entries[0]["block"] is None else entries[0]["block"])
-    return go.AllocationProblem.build(names, menus, sizes, damages, gguf_plan.gguf_fixed_bytes(info), blocks)
+    decode_s = base_s = None
+    if costs is not None:
+        per_tensor = decode_speed.tensor_decode_s(info, costs)
+        decode_s = [{t: per_tensor[name](t) for t in menu} for name, menu in zip(names, menus)]
+        base_s = costs.all_reference_s(info.n_layers)
+    return go.AllocationProblem.build(names, menus, sizes, damages, gguf_plan.gguf_fixed_bytes(info), blocks,
+                                      decode_s, base_s or 0.0)
+
+
+def decode_costs_for(args, model_dir: Path, info, menus: dict[str, list[str]]) -> decode_speed.DecodeCosts | None:
+    """The decode cost table when --max_slowdown asks for one: from --decode_costs, else measured here (cached)
+    for every type of the menus and of the presets."""
+    if args.max_slowdown is None:
+        return None
+    if args.decode_costs:
+        return decode_speed.DecodeCosts.from_dict(json.loads(Path(args.decode_costs).read_text()))
+    types = {t for menu in menus.values() for t in menu}
+    for name in SEED_PRESETS:
+        types |= set(gguf_plan.preset_types(info, name, imatrix_available=True).values())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return decode_speed.cached_decode_costs(model_dir, sorted(types), Path(args.cache_dir), device=device)
 
 
 def check_feasible(problem: go.AllocationProblem, info, budget: int) -> None:
@@ -199,11 +229,13 @@ def write_json(obj, path: Path) -> None:
 
 def print_summary(rows: list[dict], final_types: dict[str, str]) -> None:
     """Closing table: each allocator's size, bpw, predicted and measured KLD; the final type counts."""
-    print(f"\n{'allocation':<22} {'size_bytes':>14} {'bpw':>7} {'predicted':>10} {'measured KLD':>13}")
+    timed = any(r.get("decode_tok_s_predicted") for r in rows)
+    print(f"\n{'allocation':<22} {'size_bytes':>14} {'bpw':>7} {'predicted':>10} {'measured KLD':>13}"
+          + (f" {'decode tok/s (pred.)':>21}" if timed else ""))
     for r in rows:
         measured = "-" if r["kld_measured"] is None else f"{r['kld_measured']:.5f}"
         print(f"{r['name']:<22} {r['size_bytes']:>14,} {r['bpw']:>7.3f} {r['kld_predicted']:>10.5f} "
-              f"{measured:>13}")
+              f"{measured:>13}" + (f" {r['decode_tok_s_predicted']:>21.1f}" if timed else ""))
     counts: dict[str, int] = {}
     for t in final_types.values():
         counts[t] = counts.get(t, 0) + 1
@@ -224,8 +256,8 @@ def main(argv=None) -> None:
         allowed = None if args.types is None else [quant_utils.get_type(t).name for t in args.types.split(",")]
         model, tokenizer = calib_stats.load_model_and_tokenizer(str(model_dir))
         device = calib_stats.resolve_device(args.device)
-        if device.type == "cpu":
-            model = model.float()
+        if device.type == "cpu" or args.smooth != "off":
+            model = model.float()        # smoothing rescales weights in place: in bf16 that would round them
         source = args.calib_file or args.calib_dataset
         n_total = args.n_samples + args.kld_samples + args.measure_samples
         ids = data_utils.get_calib_dataset(source, tokenizer, n_total, args.seq_len, args.seed,
@@ -236,8 +268,14 @@ def main(argv=None) -> None:
         seconds["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        menu_args = {"k_menu": allowed, "block32_menu": allowed} if allowed else {}
+        menus = {spec.name: spec.types for spec in go.quantizable_tensors(model, **menu_args)}
+        costs = decode_costs_for(args, model_dir, info, menus)
+        seconds["decode_costs"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         stats = calib_stats.cached_statistics(model, calib_ids, args.device, args.batch_size, args.gram_samples,
-                                              args.cache_dir)
+                                              args.cache_dir, args.gram_max_dim)
         stats.meta["source"] = data_utils.describe_source(source)
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -248,8 +286,6 @@ def main(argv=None) -> None:
         seconds["statistics"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        menu_args = {"k_menu": allowed, "block32_menu": allowed} if allowed else {}
-        menus = {spec.name: spec.types for spec in go.quantizable_tensors(model, **menu_args)}
         smooth, smooth_records = smoothing.search_smoothing(model, stats, menus, args.smooth)
         smoothing.apply_to_model(model, smooth)
         smoothing.apply_to_statistics(stats, smooth)
@@ -264,9 +300,16 @@ def main(argv=None) -> None:
         seconds["sensitivity"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        problem = build_problem(info, table, allowed)
+        problem = build_problem(info, table, allowed, costs)
         check_feasible(problem, info, budget)
         presets = preset_seeds(info, problem, budget)
+        best_preset = max(presets, key=lambda n: presets[n]["size_bytes"]) if presets else None
+        time_limit_s = None
+        if costs is not None:
+            if best_preset is None:
+                raise ValueError("--max_slowdown needs a llama.cpp preset that fits the budget to compare with")
+            time_limit_s = args.max_slowdown * decode_speed.predicted_decode_s(info, costs,
+                                                                               presets[best_preset]["types"])
         evaluator = go.AssignmentEvaluator(analyzer, measure_ids, args.batch_size)
         bar = tqdm(total=args.ga_gen, desc="GA", unit="gen")
 
@@ -277,23 +320,25 @@ def main(argv=None) -> None:
         ga = go.MixedPrecisionGA(problem, budget, pop_size=args.ga_pop, generations=args.ga_gen,
                                  measure_fn=evaluator.kld_mean, measures_per_generation=args.ga_measure,
                                  seed=args.seed, seed_genomes=[problem.genome_of(p["types"])
-                                                               for p in presets.values()])
+                                                               for p in presets.values()],
+                                 time_limit_s=time_limit_s)
         result = ga.optimize(progress)
         bar.close()
-        greedy = go.greedy_allocation(problem, budget)
+        greedy = go.greedy_allocation(problem, budget, time_limit_s)
+        tok_s = lambda types: None if costs is None else 1.0 / decode_speed.predicted_decode_s(info, costs, types)
         rows = []
-        best_preset = max(presets, key=lambda n: presets[n]["size_bytes"]) if presets else None
         if best_preset:
             p = presets[best_preset]
             rows.append({"name": f"preset {best_preset}", "size_bytes": p["size_bytes"],
                          "bpw": bits_per_weight(info, p["size_bytes"]),
                          "kld_predicted": problem.predicted_damage(problem.genome_of(p["types"])),
-                         "kld_measured": evaluator.kld_mean(p["types"])})
+                         "kld_measured": evaluator.kld_mean(p["types"]), "decode_tok_s_predicted": tok_s(p["types"])})
         for name, genome, kld in (("greedy", greedy, evaluator.kld_mean(problem.types_of(greedy))),
                                   ("genetic algorithm", result.genome, result.measured_kld)):
             size = problem.file_size_bytes(genome)
             rows.append({"name": name, "size_bytes": size, "bpw": bits_per_weight(info, size),
-                         "kld_predicted": problem.predicted_damage(genome), "kld_measured": kld})
+                         "kld_predicted": problem.predicted_damage(genome), "kld_measured": kld,
+                         "decode_tok_s_predicted": tok_s(problem.types_of(genome))})
         seconds["search"] = time.perf_counter() - t0
 
         final_types = problem.types_of(result.genome)
@@ -312,6 +357,8 @@ def main(argv=None) -> None:
             "calibration": {"source": stats.meta["source"], "n_samples": args.n_samples,
                             "seq_len": args.seq_len, "seed": args.seed, "chat": bool(args.calib_chat)},
             "smoothing": smooth.to_dict(),
+            "decode_speed": None if costs is None else {
+                "max_slowdown": args.max_slowdown, "time_limit_s": time_limit_s, "costs": costs.to_dict()},
             "ga": {"pop": args.ga_pop, "generations": args.ga_gen, "seed": args.seed, "history": result.history},
             "seconds": seconds,
         }

@@ -61,7 +61,14 @@ _FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_
 
 
 def _find_libggml_base() -> Path:
-    """Locate libggml-base inside the installed llama_cpp package (without importing llama_cpp)."""
+    """Locate libggml-base: in $LLAMA_CPP_LIB_PATH when set (llama-cpp-python loads its libllama from there
+    too, e.g. a CUDA build of llama.cpp), else inside the installed llama_cpp package (without importing it)."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        found = sorted(Path(override).glob("*ggml-base.*"))
+        if not found:
+            raise RuntimeError(f"LLAMA_CPP_LIB_PATH={override} holds no libggml-base")
+        return found[0]
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("llama-cpp-python is not installed: run `make test` or "

@@ -250,6 +250,8 @@ def search_smoothing(model: nn.Module, stats: CalibStats, menus: dict[str, Seque
         types = group_types(model, group, menus)
         if fixed is not None:
             best, candidates = fixed, {}
+        elif not all(name in stats.gram_key for name in group.consumers):
+            continue                    # an input too wide for a Gram (gram_max_dim): no exact error to steer by
         else:
             prepared = consumer_rows(model, stats, group)
             base = {t: consumer_errors(model, stats, group, None, t, prepared) for t in types}

@@ -315,3 +315,67 @@ def test_assignment_kld_includes_llama_cpp_activation_rounding(tied_setup):
     q8 = {s.name: "Q8_0" for s in analyzer.tensors}
     weights_only = analyzer.kld_mean({n: evaluator.weight(n, t) for n, t in q8.items()})
     assert evaluator.kld_mean(q8) > 1.5 * weights_only > 0
+
+
+def test_bf16_model_measures_like_its_float32_copy(windows):
+    """A model kept in bf16 (a 7B on the GPU) computes in float32 one block at a time: the same output errors
+    and, to float32 rounding, the same KLDs as a float32 copy of the same weights (measured 2e-5 apart, 7e-4
+    with the inputs rounded to Q8_K, whose rounding boundaries amplify the last bits)."""
+    calib, holdout = windows
+    bf16 = tiny_llama(tied=False, seed=3).to(torch.bfloat16)
+    fp32 = tiny_llama(tied=False, seed=3)
+    fp32.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})
+    stats = calib_stats.collect_statistics(fp32, calib, device="cpu", batch_size=4, progress=False)
+    results = []
+    for model in (bf16, fp32):
+        analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+        assert next(analyzer.model.parameters()).dtype == model.dtype     # no float32 copy of the model
+        spec = next(s for s in analyzer.tensors if s.kind == "down_proj")
+        entry, new_weight = analyzer.measure_errors(spec, "Q4_K")
+        klds = analyzer.kld_means_in_block(spec.block, [{spec.name: new_weight}], [{spec.name: "Q8_K"}])
+        results.append((entry["rel_out_err"], klds[0], analyzer.kld_mean({spec.name: new_weight})))
+    assert bf16.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16   # put back after each run
+    (err_bf16, rounded_bf16, kld_bf16), (err_fp32, rounded_fp32, kld_fp32) = results
+    assert err_bf16 == err_fp32
+    assert kld_bf16 == pytest.approx(kld_fp32, rel=1e-4) and kld_bf16 > 0
+    assert rounded_bf16 == pytest.approx(rounded_fp32, rel=3e-3)
+
+
+def test_wide_inputs_get_no_gram_and_a_diagonal_output_error(windows):
+    """gram_max_dim: inputs wider than it keep only their sums of squares; their output error goes through the
+    diagonal of H (the imatrix), and smoothing's auto search leaves their groups alone."""
+    import smoothing
+    calib, holdout = windows
+    model = tiny_llama(tied=False, seed=4)
+    stats = calib_stats.collect_statistics(model, calib, device="cpu", batch_size=4, gram_max_dim=128,
+                                           progress=False)
+    down = "model.layers.0.mlp.down_proj.weight"                  # reads the 256-wide FFN activation
+    assert down not in stats.gram_key and "model.layers.0.mlp.up_proj.weight" in stats.gram_key
+    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    spec = next(s for s in analyzer.tensors if s.name == down)
+    entry, new_weight = analyzer.measure_errors(spec, "Q4_K")
+    w = model.get_parameter(down).detach().double()
+    h = stats.in_sum2[down].double() / stats.counts[down]
+    expected = float(((new_weight.double() - w).square().sum(0) * h).sum() / (w.square().sum(0) * h).sum())
+    assert entry["out_err_diagonal"] and entry["rel_out_err"] == pytest.approx(expected, rel=1e-9)
+    menus = {s.name: s.types for s in analyzer.tensors}
+    smooth, records = smoothing.search_smoothing(model, stats, menus, "auto", progress=False)
+    assert records and not any(r["kind"] == "up_down" for r in records)
+
+
+def test_row_sample_errors_are_the_whole_tensors_rows(tied_setup, monkeypatch):
+    """A row sample is quantized bit for bit like those rows of the whole tensor (ggml quantizes rows
+    independently), so a sampled output error is the whole-tensor error restricted to the sample."""
+    model, stats, holdout = tied_setup
+    monkeypatch.setattr(genetic_optim, "SAMPLE_ABOVE_WEIGHTS", 1000)
+    monkeypatch.setattr(genetic_optim, "SAMPLE_WEIGHTS", 2048)
+    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    spec = next(s for s in analyzer.tensors if s.kind == "gate_proj")
+    rows = analyzer.error_rows(spec)
+    assert rows is not None and 0 < rows.numel() < spec.shape[0]
+    sampled, none = analyzer.measure_errors(spec, "Q4_0", whole=False)
+    whole_entry, whole = analyzer.measure_errors(spec, "Q4_0", whole=True)
+    assert none is None and sampled["error_rows"] == rows.numel() == whole_entry["error_rows"]
+    assert torch.equal(fake_quantize(model.get_parameter(spec.name).detach()[rows], "Q4_0",
+                                     analyzer.imatrix_of(spec)), whole[rows])
+    assert sampled["rel_out_err"] == whole_entry["rel_out_err"]
