@@ -382,6 +382,7 @@ class LayerSensitivityAnalyzer:
         self.n_computed = 0          # (tensor, type) pairs quantized and measured by this instance
         self._held_out: HeldOutCache | None = None
         self._energy: dict[str, float] = {}      # tr(W H W^T) per tensor
+        self.quantized: dict[tuple[str, str], bytes] = {}   # (tensor, type) -> ggml bytes, whole tensors only
 
     def _run_key(self) -> str:
         """Model, statistics data, held-out data and format: what the cached numbers depend on."""
@@ -402,9 +403,13 @@ class LayerSensitivityAnalyzer:
 
     def quantized_weight(self, spec: TensorSpec, qtype: str) -> torch.Tensor:
         """The tensor as llama.cpp will hold it in `qtype` (ggml round trip, imatrix-weighted), float32 on the
-        CPU (moved to the device only while a measurement uses it)."""
-        weight = self.model.get_parameter(spec.name).detach()
-        return fake_quantize(weight.cpu(), qtype, self.imatrix_of(spec))
+        CPU (moved to the device only while a measurement uses it). The ggml bytes are kept in `quantized`
+        for AssignmentEvaluator, which would otherwise quantize the same tensor again."""
+        key = (spec.name, qtype)
+        if key not in self.quantized:
+            weight = self.model.get_parameter(spec.name).detach()
+            self.quantized[key] = quantize(weight.cpu(), qtype, self.imatrix_of(spec))
+        return torch.from_numpy(dequantize(self.quantized[key], qtype, spec.shape))
 
     def error_rows(self, spec: TensorSpec) -> torch.Tensor | None:
         """The rows the output error is measured on (None: all; see SAMPLE_ABOVE_WEIGHTS)."""
@@ -1144,7 +1149,8 @@ class AssignmentEvaluator:
     matmul's input rounded as llama.cpp's CPU backend rounds it for that type, on held-out windows.
 
     Quantized tensors are kept as ggml bytes per (tensor, type) (a fraction of the float size) and decoded by
-    ggml when an assignment needs them, so the GA re-quantizes nothing; results are memoised per assignment.
+    ggml when an assignment needs them, so the GA re-quantizes nothing (and takes the analyzer's bytes of tensors
+    the sensitivity analysis quantized whole); results are memoised per assignment.
     """
 
     def __init__(self, analyzer: LayerSensitivityAnalyzer, ids: torch.Tensor, batch_size: int = 4):
@@ -1158,8 +1164,10 @@ class AssignmentEvaluator:
     def weight(self, name: str, qtype: str) -> torch.Tensor:
         spec = self.specs[name]
         if (name, qtype) not in self.raw:
-            weight = self.analyzer.model.get_parameter(name).detach()
-            self.raw[(name, qtype)] = quantize(weight, qtype, self.analyzer.imatrix_of(spec))
+            self.raw[(name, qtype)] = self.analyzer.quantized.get((name, qtype))
+            if self.raw[(name, qtype)] is None:
+                weight = self.analyzer.model.get_parameter(name).detach()
+                self.raw[(name, qtype)] = quantize(weight, qtype, self.analyzer.imatrix_of(spec))
         return torch.from_numpy(dequantize(self.raw[(name, qtype)], qtype, spec.shape))
 
     def kld_mean(self, tensor_types: dict[str, str]) -> float:
