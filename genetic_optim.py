@@ -483,7 +483,7 @@ class LayerSensitivityAnalyzer:
         if spec.is_embedding and not spec.feeds_logits:
             return []
         formats = {activation_rounding.rounding_of(t) for t in spec.types}
-        return sorted(formats - {"F32", "F16", "BF16"})
+        return sorted(formats - set(quant_utils.FLOAT_TYPES))
 
     def activation_klds(self, specs: list[TensorSpec]) -> dict[tuple[str, str], float]:
         """{(tensor, format): mean KL with only this tensor's input rounded to the format}, cached like the
@@ -1148,9 +1148,8 @@ class AssignmentEvaluator:
     """Mean KLD of the model with every tensor fake-quantized as an assignment says, and every quantized
     matmul's input rounded as llama.cpp's CPU backend rounds it for that type, on held-out windows.
 
-    Quantized tensors are kept as ggml bytes per (tensor, type) (a fraction of the float size) and decoded by
-    ggml when an assignment needs them, so the GA re-quantizes nothing (and takes the analyzer's bytes of tensors
-    the sensitivity analysis quantized whole); results are memoised per assignment.
+    Quantized tensors are the analyzer's ggml bytes per (tensor, type) (a fraction of the float size), decoded
+    by ggml when an assignment needs them, so nothing is quantized twice; results are memoised per assignment.
     """
 
     def __init__(self, analyzer: LayerSensitivityAnalyzer, ids: torch.Tensor, batch_size: int = 4):
@@ -1158,17 +1157,11 @@ class AssignmentEvaluator:
         self.held_out = HeldOutCache(analyzer.model, ids.to(torch.long), analyzer.device, batch_size,
                                      keep_block_inputs=False)
         self.specs = {s.name: s for s in analyzer.tensors}
-        self.raw: dict[tuple[str, str], bytes] = {}
         self.results: dict[tuple, float] = {}
 
     def weight(self, name: str, qtype: str) -> torch.Tensor:
-        spec = self.specs[name]
-        if (name, qtype) not in self.raw:
-            self.raw[(name, qtype)] = self.analyzer.quantized.get((name, qtype))
-            if self.raw[(name, qtype)] is None:
-                weight = self.analyzer.model.get_parameter(name).detach()
-                self.raw[(name, qtype)] = quantize(weight, qtype, self.analyzer.imatrix_of(spec))
-        return torch.from_numpy(dequantize(self.raw[(name, qtype)], qtype, spec.shape))
+        """The analyzer's quantized weight: its bytes are shared, each (tensor, type) quantized once."""
+        return self.analyzer.quantized_weight(self.specs[name], qtype)
 
     def kld_mean(self, tensor_types: dict[str, str]) -> float:
         """Measured mean KLD of an assignment; the blocks' weights are decoded and replaced one block at a time."""

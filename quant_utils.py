@@ -56,8 +56,8 @@ class _TypeTraitsCpu(ctypes.Structure):
     ]
 
 
-_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+# ggml's row converters, to_float and from_float alike: (source, destination, number of values).
+_ROW_CONVERT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
 def _find_libggml_base() -> Path:
@@ -145,7 +145,7 @@ def ggml_round_activations(x: np.ndarray, act_type: str) -> np.ndarray:
     if act_type == "F32":
         return x.copy()
     type_id = {**GGML_TYPE_IDS, **ACTIVATION_TYPE_IDS}[act_type]
-    from_float = _FROM_FLOAT(_cpu_lib().ggml_get_type_traits_cpu(type_id).contents.from_float)
+    from_float = _ROW_CONVERT(_cpu_lib().ggml_get_type_traits_cpu(type_id).contents.from_float)
     block = int(_lib().ggml_blck_size(type_id))
     row_bytes = int(_lib().ggml_row_size(type_id, n))
     raw = np.zeros(n_rows * row_bytes, dtype=np.uint8)
@@ -323,7 +323,7 @@ def dequantize(raw: bytes | np.ndarray, qtype: str | QuantType, shape, n_threads
     if t.name == "F32":
         out[:] = buf.view(np.float32).reshape(n_rows, n_per_row)
         return out.reshape(shape)
-    to_float = _TO_FLOAT(_lib().ggml_get_type_traits(t.ggml_type).contents.to_float)
+    to_float = _ROW_CONVERT(_lib().ggml_get_type_traits(t.ggml_type).contents.to_float)
 
     def run(task):
         first_row, rows = task

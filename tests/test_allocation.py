@@ -9,11 +9,12 @@ import quant_utils as qu
 MENU = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
 
 
-def synthetic_problem(n_blocks=6, seed=0):
+def synthetic_problem(n_blocks=6, seed=0, decode_delta=None, fixed_bytes=12345):
     """A table shaped like a small model: 7 linears per block with real ggml sizes and a damage that falls
-    with bits at a per-tensor rate."""
+    with bits at a per-tensor rate; with `decode_delta` ({type: seconds per weight}), decode costs too (on a
+    base of 1 ms)."""
     rng = np.random.default_rng(seed)
-    names, menus, sizes, damages, blocks = [], [], [], [], []
+    names, menus, sizes, damages, blocks, decode = [], [], [], [], [], []
     kinds = {"q": (512, 512), "k": (128, 512), "v": (128, 512), "o": (512, 512),
              "gate": (1536, 512), "up": (1536, 512), "down": (512, 1536)}
     for b in range(n_blocks):
@@ -23,8 +24,10 @@ def synthetic_problem(n_blocks=6, seed=0):
             sizes.append([qu.get_type(t).tensor_size_bytes(shape) for t in MENU])
             scale = rng.lognormal(0, 1)
             damages.append([scale * 4.0 ** -qu.get_type(t).bits_per_weight for t in MENU])
+            decode.append({t: shape[0] * shape[1] * (decode_delta or {}).get(t, 0.0) for t in MENU})
             blocks.append(b)
-    return AllocationProblem.build(names, menus, sizes, damages, fixed_bytes=12345, block_ids=blocks)
+    return AllocationProblem.build(names, menus, sizes, damages, fixed_bytes=fixed_bytes, block_ids=blocks,
+                                   decode_s=decode if decode_delta else None, base_decode_s=1e-3)
 
 
 def test_repair_always_yields_a_feasible_genome_within_budget():

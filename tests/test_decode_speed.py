@@ -12,10 +12,8 @@ sys.path.insert(0, str(REPO))
 
 import decode_speed  # noqa: E402
 import gguf_plan  # noqa: E402
-from genetic_optim import AllocationProblem, MixedPrecisionGA, repair  # noqa: E402
-import quant_utils as qu  # noqa: E402
-
-MENU = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+from genetic_optim import MixedPrecisionGA, repair  # noqa: E402
+from test_allocation import synthetic_problem  # noqa: E402
 # Decode seconds per token per weight relative to Q8_0, shaped like the H100's (Q3_K and Q6_K slow per byte).
 DELTA = {"Q2_K": -1.5e-13, "Q3_K": 1.2e-13, "Q4_K": -1.5e-13, "Q5_K": -1.0e-13, "Q6_K": 1.3e-13, "Q8_0": 0.0}
 
@@ -59,29 +57,10 @@ def test_microbenchmark_runs_on_llama_cpp_and_is_cached(tiny_qwen2, tmp_path):
     assert again == costs                                    # read back, not measured again (timings differ)
 
 
-def timed_problem(n_blocks=4, seed=0):
-    """A synthetic table with H100-like decode costs: a 7-linear block per decoder layer."""
-    rng = np.random.default_rng(seed)
-    names, menus, sizes, damages, blocks, decode = [], [], [], [], [], []
-    kinds = {"q": (512, 512), "k": (128, 512), "v": (128, 512), "o": (512, 512),
-             "gate": (1536, 512), "up": (1536, 512), "down": (512, 1536)}
-    for b in range(n_blocks):
-        for kind, shape in kinds.items():
-            names.append(f"model.layers.{b}.{kind}.weight")
-            menus.append(list(MENU))
-            sizes.append([qu.get_type(t).tensor_size_bytes(shape) for t in MENU])
-            scale = rng.lognormal(0, 1)
-            damages.append([scale * 4.0 ** -qu.get_type(t).bits_per_weight for t in MENU])
-            decode.append({t: shape[0] * shape[1] * DELTA[t] for t in MENU})
-            blocks.append(b)
-    return AllocationProblem.build(names, menus, sizes, damages, fixed_bytes=1000, block_ids=blocks,
-                                   decode_s=decode, base_decode_s=1e-3)
-
-
 def test_repair_and_ga_keep_to_the_decode_time_limit():
     """With a limit set to a Q4_K-only assignment's time, repaired genomes and the GA's answer stay within both
     the byte budget and the limit; without the limit the best answer is slower (the limit binds)."""
-    p = timed_problem()
+    p = synthetic_problem(n_blocks=4, decode_delta=DELTA, fixed_bytes=1000)
     q4k = np.array([m.index("Q4_K") for m in p.menus])
     budget = p.file_size_bytes(q4k)
     limit = p.decode_seconds(q4k)
