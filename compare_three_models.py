@@ -27,7 +27,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import eval_utils  # first: it loads llama.cpp before numpy (see there)
+import torch  # noqa: F401  before llama.cpp's CUDA libraries, which eval_utils loads (see there)
+
+import eval_utils  # before numpy: it loads llama.cpp first
 import compare_report
 from eval_utils import CompareError
 

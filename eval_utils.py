@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import inspect
 import json
 import math
 import multiprocessing
@@ -46,9 +47,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-# llama.cpp before numpy: with a CUDA build of llama.cpp (H100, CUDA 13, torch 2.11+cu130 image) a process that
-# had imported numpy first died with a segfault at the model load; in this order it runs. A missing
-# llama-cpp-python is reported where it is needed.
+# Import order with a CUDA build of llama.cpp (H100, CUDA 13, torch 2.11+cu130 image): a process that had
+# imported numpy alone before llama_cpp died with a segfault at the model load (that build still had OpenMP
+# on), and one that imports torch after llama_cpp dies at once (free(): invalid pointer: two CUDA runtimes).
+# So llama_cpp comes before numpy here, and a script that also needs torch imports torch before this module
+# (compare_three_models.py does; torch, then llama_cpp, ran there). A missing llama-cpp-python is reported
+# where it is needed.
 try:
     import llama_cpp  # noqa: F401
 except ImportError:
@@ -606,11 +610,14 @@ def transformers_speed(model, n_vocab: int, pp_tokens: int, tg_tokens: int, runs
             model(prompt, use_cache=True, logits_to_keep=1)
         sync()
 
+    cache_name = kv_cache_name(model)
+
     def tg():
         with torch.inference_mode():
             cache = None
             for tok in decode:
-                cache = model(tok.view(1, 1), cache=cache, use_cache=True, logits_to_keep=1).cache
+                out = model(tok.view(1, 1), **{cache_name: cache}, use_cache=True, logits_to_keep=1)
+                cache = getattr(out, cache_name)
         sync()
 
     return pp_tokens / median_seconds(pp, runs), tg_tokens / median_seconds(tg, runs)
@@ -631,10 +638,17 @@ def llama_greedy(llm, prompt_ids: list[int], max_tokens: int, stop_ids: Sequence
     return out
 
 
+def kv_cache_name(model) -> str:
+    """The KV cache's name in the model's forward (argument and output): transformers 5.24 (the pinned
+    version) says `cache`, earlier 5.x (the device image's 5.17) `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def transformers_greedy(model, prompt_ids: list[int], max_tokens: int, stop_ids: Sequence[int]) -> list[int]:
     """Greedy continuation with transformers, written as the same loop as llama_greedy (argmax, KV cache)."""
     import torch
     device = next(model.parameters()).device
+    cache_name = kv_cache_name(model)
     out: list[int] = []
     with torch.inference_mode():
         res = model(torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
@@ -644,8 +658,8 @@ def transformers_greedy(model, prompt_ids: list[int], max_tokens: int, stop_ids:
                 break
             out.append(tok)
             if len(out) < max_tokens:
-                res = model(torch.tensor([[tok]], device=device), cache=res.cache, use_cache=True,
-                            logits_to_keep=1)
+                res = model(torch.tensor([[tok]], device=device), **{cache_name: getattr(res, cache_name)},
+                            use_cache=True, logits_to_keep=1)
     return out
 
 

@@ -39,6 +39,7 @@ import activation_rounding
 import calib_stats
 from calib_stats import BlockBatch, CalibStats
 import quant_utils
+import torch_dequant
 from quant_utils import dequantize, fake_quantize, get_type, quantize
 
 # Candidate menus. K-quants pack 256 weights per block; rows not divisible by 256 (hidden 576 or 896, say)
@@ -402,13 +403,17 @@ class LayerSensitivityAnalyzer:
         return self.kld_types == "all" or (self.kld_types != "none" and qtype in self.kld_types)
 
     def quantized_weight(self, spec: TensorSpec, qtype: str) -> torch.Tensor:
-        """The tensor as llama.cpp will hold it in `qtype` (ggml round trip, imatrix-weighted), float32 on the
-        CPU (moved to the device only while a measurement uses it). The ggml bytes are kept in `quantized`
-        for AssignmentEvaluator, which would otherwise quantize the same tensor again."""
+        """The tensor as llama.cpp will hold it in `qtype` (ggml round trip, imatrix-weighted), float32: decoded
+        on a CUDA device by torch_dequant (bit-identical to ggml's decoder, and only the bytes cross the bus),
+        elsewhere by ggml on the CPU. The ggml bytes are kept in `quantized` for AssignmentEvaluator, which
+        would otherwise quantize the same tensor again."""
         key = (spec.name, qtype)
         if key not in self.quantized:
             weight = self.model.get_parameter(spec.name).detach()
             self.quantized[key] = quantize(weight.cpu(), qtype, self.imatrix_of(spec))
+        if self.device.type == "cuda" and torch_dequant.supports(qtype):
+            return torch_dequant.dequantize(torch_dequant.bytes_on(self.quantized[key], self.device), qtype,
+                                            spec.shape)
         return torch.from_numpy(dequantize(self.quantized[key], qtype, spec.shape))
 
     def error_rows(self, spec: TensorSpec) -> torch.Tensor | None:
@@ -524,7 +529,7 @@ class LayerSensitivityAnalyzer:
         rows = self.error_rows(spec)
         if whole or rows is None:
             new_weight = self.quantized_weight(spec, qtype)
-            new_rows = new_weight if rows is None else new_weight[rows]
+            new_rows = new_weight if rows is None else new_weight[rows.to(new_weight.device)]
         else:
             weight = self.model.get_parameter(spec.name).detach()
             new_weight = None
@@ -991,6 +996,15 @@ class GAResult:
     measured: dict = field(default_factory=dict)  # genome bytes -> measured KLD
 
 
+def seeds_to_measure(problem: AllocationProblem, seeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The seeds worth an end-to-end measurement up front: those no larger seed is predicted to beat. Under a
+    byte budget size is free, so a smaller, worse seed (the Q2_K preset beside Q4_K_M) is not the answer unless
+    the proxy is wrong; it stays in the population and is measured if it ever ranks among the best."""
+    points = [(problem.file_size_bytes(g), problem.predicted_damage(g)) for g in seeds]
+    return [g for g, (s, d) in zip(seeds, points)
+            if not any(s2 >= s and d2 < d or s2 > s and d2 <= d for s2, d2 in points)]
+
+
 class MixedPrecisionGA:
     """Genetic search for a per-tensor type assignment under an exact byte budget.
 
@@ -1102,9 +1116,11 @@ class MixedPrecisionGA:
     def optimize(self, progress=None) -> GAResult:
         """Run the search; `progress` is an optional callable(generation, stats) for a progress bar."""
         population = self.initialize_population()
-        # The seeds (presets, greedy, Lagrangian) are measured first: the answer is never worse than them.
+        # The seeds (presets, greedy, Lagrangian) are measured first, so the answer is never worse than them,
+        # except those a larger seed is predicted to beat: measuring those would quantize whole tensors to
+        # types (Q2_K for the Q2_K preset) that the search may never use, the costliest part of a 7B run.
         if self.measure_fn is not None:
-            for g in population[:len(self.seed_genomes) + 2]:
+            for g in seeds_to_measure(self.problem, population[:len(self.seed_genomes) + 2]):
                 if g.tobytes() not in self.measured:
                     self.measured[g.tobytes()] = float(self.measure_fn(self.problem.types_of(g)))
         history = []

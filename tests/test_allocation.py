@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from genetic_optim import (AllocationProblem, MixedPrecisionGA, greedy_allocation, lagrangian_allocation,
-                           repair)
+                           repair, seeds_to_measure)
 import quant_utils as qu
 
 MENU = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
@@ -70,6 +70,26 @@ def test_allocators_fit_budget_and_ga_never_loses_to_its_seeds():
     assert p.file_size_bytes(result.genome) <= budget
     assert result.measured_kld <= min(measure(p.types_of(greedy)), measure(p.types_of(lagrange))) + 1e-15
     assert len(result.history) == 5
+
+
+def test_seeds_a_larger_seed_beats_are_not_measured_up_front():
+    p = synthetic_problem()
+    uniform = {t: p.genome_of({n: t for n in p.tensor_names}) for t in ("Q2_K", "Q3_K", "Q4_K")}
+    budget = p.file_size_bytes(uniform["Q4_K"])
+    # Q2_K and Q3_K are smaller and predicted worse than Q4_K; a larger but worse seed would be kept
+    assert [g.tolist() for g in seeds_to_measure(p, list(uniform.values()))] == [uniform["Q4_K"].tolist()]
+    worse_larger = uniform["Q4_K"].copy()
+    worse_larger[0] = p.menus[0].index("Q8_0")
+    worse_larger[1] = p.menus[1].index("Q2_K")
+    p.damage[1, worse_larger[1]] = 1e3
+    assert len(seeds_to_measure(p, [uniform["Q4_K"], worse_larger])) == 2
+    measured = []
+    ga = MixedPrecisionGA(p, budget, pop_size=8, generations=0, seed=0, seed_genomes=list(uniform.values()),
+                          measure_fn=lambda types: measured.append(types) or p.predicted_damage(p.genome_of(types)))
+    ga.optimize()
+    measured_genomes = [p.genome_of(t).tolist() for t in measured]
+    assert uniform["Q4_K"].tolist() in measured_genomes
+    assert uniform["Q2_K"].tolist() not in measured_genomes
 
 
 def test_same_seed_same_result_and_different_seed_may_differ():

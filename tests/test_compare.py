@@ -220,6 +220,19 @@ def run_main(main, argv, capsys) -> str:
     return err
 
 
+def test_transformers_greedy_with_kv_cache_equals_full_recompute(hf_model, windows):
+    """The KV cache is handed back under the name this transformers version uses (eval_utils.kv_cache_name):
+    without it each step would see one token alone and the continuation would differ."""
+    prompt = [int(t) for t in windows[0][:16]]
+    cached = eval_utils.transformers_greedy(hf_model, prompt, 8, stop_ids=[])
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(8):
+            ids.append(int(hf_model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    assert cached == ids[len(prompt):]
+    assert len(set(cached)) > 1          # a real continuation, not one token repeated
+
+
 def test_missing_files_fail_with_the_command_that_makes_them(tiny, tmp_path, capsys):
     model = str(tiny["dir"])
     err = run_main(compare_three_models.main, ["--model_id", model, "--q4km_path", str(tmp_path / "no.gguf"),

@@ -79,6 +79,7 @@ pipeline() {
   mkdir -p "$W"
   environment
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  lscpu | grep -E '^(Model name|CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\))' || true
   if [ ! -x /tmp/llama-cuda/bin/llama-bench ]; then
     stage build_llama_cuda bash -c "cmake -S /tmp/llsrc/llama_cpp_python-$VERSION/vendor/llama.cpp -B /tmp/llama-cuda \
       -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DLLAMA_CURL=OFF \
@@ -111,9 +112,9 @@ pipeline() {
   echo "=== $(date -u +%T) pipeline done"
 }
 
-pack() {   # what comes back: logs, stage records, benches, the config's JSON, the compare report
+pack() {   # what comes back: logs, stage records, benches, the config (+ its imatrix, to export again elsewhere), the compare report
   mkdir -p "$OUT"
-  tar czf "$OUT/results.tgz" -C "$W" --ignore-failed-read $(cd "$W" && ls -d pipeline.log stages.jsonl bench-*.json \
+  tar czf "$OUT/results.tgz" -C "$W" --ignore-failed-read $(cd "$W" && ls -d pipeline.log stages.jsonl bench-*.json mixed.pt mixed.imatrix.gguf \
     mixed.json mixed.sensitivity.json mixed.convergence.png report cache/decode-costs-*.json 2>/dev/null) || true
   cp "$W/pipeline.log" "$OUT/" 2>/dev/null || true
 }
