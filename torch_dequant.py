@@ -5,8 +5,8 @@ result to the GPU costs seconds per candidate, on the GPU milliseconds. The byte
 quantizer (quant_utils.quantize): only the decoding is ours, and tests/test_torch_dequant.py holds it equal,
 bit for bit, to ggml's `to_float` for every type here. Each decoder follows the C reference in ggml-quants.c
 (dequantize_row_*) and its order of float operations. Every product there is exact in float32 (a float16
-scale times a 6-bit sub-scale times a quant of at most 6 bits), so only the final `- m` rounds, and it rounds
-the same whether or not a compiler fuses it into a multiply-add.
+scale, 11 significant bits, times integers of at most 13 bits together: sub-scale and quant), so only a final
+`- m` or `+ m` rounds, and it rounds the same whether or not a compiler fuses it into a multiply-add.
 """
 from __future__ import annotations
 
