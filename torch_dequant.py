@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+import quant_utils
+
 QK_K = 256
 # ggml's kvalues_iq4nl: the IQ4_NL code book.
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -84,14 +86,18 @@ def _iq4_nl(raw):
     return d * values[torch.cat([lo, hi], 1).long()]
 
 
+def _two_bit_planes(qs: torch.Tensor) -> torch.Tensor:
+    """The 2-bit quants of a Q2_K/Q3_K block's 64 `qs` bytes as [block, half, j, 32]: value l of sub-block
+    pair (half, j) is bits 2j..2j+1 of byte 32 * half + l."""
+    shifts = torch.arange(0, 8, 2, device=qs.device, dtype=torch.int32)
+    return (qs.to(torch.int32).view(-1, 2, 1, 32) >> shifts.view(1, 1, 4, 1)) & 3
+
+
 def _q2_k(raw):
     n = raw.shape[0]
-    scales, qs = raw[:, 0:16].to(torch.int32), raw[:, 16:80].to(torch.int32)
     d, dmin = _half(raw, 80), _half(raw, 82)
-    shifts = torch.arange(0, 8, 2, device=raw.device, dtype=torch.int32)
-    # [block, half, j (shift), 32 values]; scale index 8*half + 2*j + (value >= 16)
-    q = (qs.view(n, 2, 1, 32) >> shifts.view(1, 1, 4, 1)) & 3
-    sc = scales.view(n, 2, 4, 2, 1)
+    q = _two_bit_planes(raw[:, 16:80])
+    sc = raw[:, 0:16].to(torch.int32).view(n, 2, 4, 2, 1)      # scale index 8 * half + 2 * j + (value >= 16)
     dl = d.view(n, 1, 1, 1, 1) * (sc & 0xF).float()
     ml = dmin.view(n, 1, 1, 1, 1) * (sc >> 4).float()
     return (dl * q.view(n, 2, 4, 2, 16).float() - ml).reshape(n, QK_K)
@@ -99,15 +105,14 @@ def _q2_k(raw):
 
 def _q3_k(raw):
     n = raw.shape[0]
-    hmask, qs = raw[:, 0:32].to(torch.int32), raw[:, 32:96].to(torch.int32)
+    hmask = raw[:, 0:32].to(torch.int32)
     b = raw[:, 96:108].to(torch.int32)
     d = _half(raw, 108)
     scales = torch.cat([(b[:, 0:4] & 0xF) | ((b[:, 8:12] & 3) << 4),
                         (b[:, 4:8] & 0xF) | (((b[:, 8:12] >> 2) & 3) << 4),
                         (b[:, 0:4] >> 4) | (((b[:, 8:12] >> 4) & 3) << 4),
                         (b[:, 4:8] >> 4) | (((b[:, 8:12] >> 6) & 3) << 4)], 1) - 32
-    shifts = torch.arange(0, 8, 2, device=raw.device, dtype=torch.int32)
-    low = (qs.view(n, 2, 1, 32) >> shifts.view(1, 1, 4, 1)) & 3
+    low = _two_bit_planes(raw[:, 32:96])
     bit = torch.arange(8, device=raw.device, dtype=torch.int32).view(1, 2, 4, 1)      # 4 * half + j
     high = ((hmask.view(n, 1, 1, 32) >> bit) & 1) == 0
     q = low - 4 * high.to(torch.int32)
@@ -115,29 +120,28 @@ def _q3_k(raw):
     return (dl * q.view(n, 2, 4, 2, 16).float()).reshape(n, QK_K)
 
 
-def _q4_k(raw):
+def _scaled_k4(raw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """d * scale * q - dmin * min for a Q4_K/Q5_K block (d, dmin, 12 scale bytes first) and its quants
+    q [block, 64-value chunk, low/high nibble, 32]."""
     n = raw.shape[0]
     d, dmin = _half(raw, 0), _half(raw, 2)
     sc, m = _scale_min_k4(raw[:, 4:16])
-    lo, hi = _nibbles(raw[:, 16:144].view(n, 4, 1, 32))
-    q = torch.cat([lo, hi], 2)                                   # [block, 64-chunk, low/high, 32]
     d1 = d.view(n, 1, 1, 1) * sc.view(n, 4, 2, 1).float()
     m1 = dmin.view(n, 1, 1, 1) * m.view(n, 4, 2, 1).float()
     return (d1 * q.float() - m1).reshape(n, QK_K)
+
+
+def _q4_k(raw):
+    lo, hi = _nibbles(raw[:, 16:144].view(-1, 4, 1, 32))
+    return _scaled_k4(raw, torch.cat([lo, hi], 2))
 
 
 def _q5_k(raw):
-    n = raw.shape[0]
-    d, dmin = _half(raw, 0), _half(raw, 2)
-    sc, m = _scale_min_k4(raw[:, 4:16])
     qh = raw[:, 16:48].to(torch.int32)
-    lo, hi = _nibbles(raw[:, 48:176].view(n, 4, 1, 32))
-    q = torch.cat([lo, hi], 2).to(torch.int32)
+    lo, hi = _nibbles(raw[:, 48:176].view(-1, 4, 1, 32))
     bit = torch.arange(8, device=raw.device, dtype=torch.int32).view(1, 4, 2, 1)      # 2 * chunk + high
-    q = q + 16 * ((qh.view(n, 1, 1, 32) >> bit) & 1)
-    d1 = d.view(n, 1, 1, 1) * sc.view(n, 4, 2, 1).float()
-    m1 = dmin.view(n, 1, 1, 1) * m.view(n, 4, 2, 1).float()
-    return (d1 * q.float() - m1).reshape(n, QK_K)
+    q = torch.cat([lo, hi], 2).to(torch.int32) + 16 * ((qh.view(-1, 1, 1, 32) >> bit) & 1)
+    return _scaled_k4(raw, q)
 
 
 def _q6_k(raw):
@@ -153,12 +157,10 @@ def _q6_k(raw):
     return (scale * q.view(n, 2, 2, 2, 2, 16).float()).reshape(n, QK_K)
 
 
-# type name -> (block bytes, values per block, decoder of [n_blocks, block bytes] uint8)
+# type name -> decoder of [n_blocks, block bytes] uint8 (block sizes: quant_utils' catalog, read from ggml)
 DECODERS = {
-    "Q8_0": (34, 32, _q8_0), "Q4_0": (18, 32, _q4_0), "Q4_1": (20, 32, _q4_1), "Q5_0": (22, 32, _q5_0),
-    "Q5_1": (24, 32, _q5_1), "IQ4_NL": (18, 32, _iq4_nl),
-    "Q2_K": (84, QK_K, _q2_k), "Q3_K": (110, QK_K, _q3_k), "Q4_K": (144, QK_K, _q4_k),
-    "Q5_K": (176, QK_K, _q5_k), "Q6_K": (210, QK_K, _q6_k),
+    "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "IQ4_NL": _iq4_nl,
+    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
 
 
@@ -177,12 +179,12 @@ def bytes_on(raw: bytes, device: torch.device) -> torch.Tensor:
 def dequantize(raw: torch.Tensor, qtype: str, shape, max_blocks: int = 1 << 18) -> torch.Tensor:
     """Decode a tensor's GGUF bytes (a uint8 torch tensor, on any device) to float32 of `shape` there;
     `max_blocks` blocks at a time bound the temporaries."""
-    block_bytes, block_values, decode = DECODERS[qtype]
+    t, decode = quant_utils.get_type(qtype), DECODERS[qtype]
     n_values = math.prod(int(s) for s in shape)
-    if n_values % block_values or raw.numel() != n_values // block_values * block_bytes:
+    if n_values % t.block_size or raw.numel() != n_values // t.block_size * t.block_bytes:
         raise ValueError(f"{raw.numel()} bytes do not hold a {qtype} tensor of shape {tuple(shape)}")
-    blocks = raw.reshape(-1, block_bytes)
-    out = torch.empty(blocks.shape[0], block_values, dtype=torch.float32, device=raw.device)
+    blocks = raw.reshape(-1, t.block_bytes)
+    out = torch.empty(blocks.shape[0], t.block_size, dtype=torch.float32, device=raw.device)
     for start in range(0, blocks.shape[0], max_blocks):
         out[start:start + max_blocks] = decode(blocks[start:start + max_blocks])
     return out.reshape(tuple(int(s) for s in shape))
