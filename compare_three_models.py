@@ -27,10 +27,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch  # noqa: F401  before llama.cpp's CUDA libraries, which eval_utils loads (see there)
+# This process loads torch (transformers' tokenizer) and asks llama.cpp whether it can offload: with CUDA builds
+# torch must come first (eval_utils.WORKER_RUNTIME); the models themselves are measured in fresh processes.
+import torch  # noqa: F401
 
-import eval_utils  # before numpy: it loads llama.cpp first
 import compare_report
+import eval_utils
 from eval_utils import CompareError
 
 DEFAULTS = {

@@ -170,7 +170,7 @@ def decode_tok_s(gguf_path: Path, tg_tokens: int, runs: int, n_threads: int) -> 
     """Decode tok/s of a GGUF, llama-bench's tg test (single-token decodes from an empty cache), measured in a
     fresh Python that loads llama.cpp before numpy and never torch (on the H100, a process that had imported
     numpy, or torch, first died with a segfault at the model load: see eval_utils)."""
-    code = ("import eval_utils, json, sys\n"
+    code = ("import llama_cpp\nimport eval_utils, json, sys\n"
             "llm = eval_utils.open_llama(sys.argv[1], int(sys.argv[2]) + 8, 8, False, int(sys.argv[4]))\n"
             "print(json.dumps(eval_utils.llama_speed(llm, 1, int(sys.argv[2]), int(sys.argv[3]))[1]))\n")
     repo = str(Path(__file__).resolve().parent)

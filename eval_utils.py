@@ -8,7 +8,8 @@ Used by compare_real_quant.py, compare_three_models.py and test_mixed_precision.
   through llama-cpp-python.
 - Numerics: perplexity, KL divergence KL(P_original || Q_candidate) per token, top-1 agreement; numpy only.
 - Reference cache: the original's log-probabilities over the windows, computed once and kept on disk.
-- Speed, memory and greedy generations for one model, run in a child process so peak memory is that model's.
+- Speed, memory and greedy generations for one model, run in a fresh Python that loads only that model's runtime
+  (llama.cpp or torch) so peak memory is that model's (see WORKER_RUNTIME).
 
 Convention (llama.cpp's `llama-perplexity --kl-divergence`, tools/perplexity/perplexity.cpp): each window of
 n_ctx tokens is evaluated from an empty KV cache; only its second half is scored: the logits at positions
@@ -32,31 +33,22 @@ float16 ones for large references, see build_reference).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import inspect
 import json
 import math
-import multiprocessing
 import os
+import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-# Import order with a CUDA build of llama.cpp (H100, CUDA 13, torch 2.11+cu130 image): a process that had
-# imported numpy alone before llama_cpp died with a segfault at the model load (that build still had OpenMP
-# on), and one that imports torch after llama_cpp dies at once (free(): invalid pointer: two CUDA runtimes).
-# So llama_cpp comes before numpy here, and a script that also needs torch imports torch before this module
-# (compare_three_models.py does; torch, then llama_cpp, ran there). A missing llama-cpp-python is reported
-# where it is needed.
-try:
-    import llama_cpp  # noqa: F401
-except ImportError:
-    pass
 import numpy as np
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -818,19 +810,60 @@ def measure_transformers(job: ModelJob) -> ModelResult:
 MEASURE = {"gguf": measure_gguf, "transformers": measure_transformers}
 
 
+# One process cannot hold both runtimes with CUDA builds (H100: torch 2.11+cu130 and llama.cpp built against the
+# system's CUDA 13): importing torch after llama_cpp aborts at once (free(): invalid pointer), and a GGUF loaded in
+# a process that imported torch first segfaults in libggml-cuda. So this module imports neither at the top, and
+# every model is measured in a fresh Python that imports only its own runtime, first (llama.cpp also before numpy:
+# with an OpenMP build, numpy first segfaulted at the model load).
+WORKER_RUNTIME = {"gguf": "llama_cpp", "transformers": "torch"}
+
+
+def worker_command(kind: str, job_path: Path, result_path: Path) -> list[str]:
+    """The command line of the fresh Python that measures one pickled job (see WORKER_RUNTIME)."""
+    code = (f"import {WORKER_RUNTIME[kind]}\nimport sys\nimport eval_utils\n"
+            "eval_utils.worker_main(sys.argv[1], sys.argv[2])\n")
+    return [sys.executable, "-c", code, str(job_path), str(result_path)]
+
+
+def worker_main(job_path: str, result_path: str) -> None:
+    """Inside the worker: measure the job; write the ModelResult, or the failure as (error type, message)."""
+    job = pickle.loads(Path(job_path).read_bytes())
+    try:
+        outcome = MEASURE[job.kind](job)
+    except (CompareError, MemoryError, RuntimeError) as exc:  # e.g. torch.OutOfMemoryError, a failed llama_decode
+        outcome = (type(exc).__name__, str(exc))
+    Path(result_path).write_bytes(pickle.dumps(outcome))
+
+
+def exit_description(returncode: int) -> str:
+    """'exited with status 1' or 'was killed by SIGSEGV' for a subprocess's return code."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
 def run_job(job: ModelJob, isolate: bool = True) -> ModelResult:
-    """Measure one model, by default in a fresh spawned process so that its peak memory (and a crash) is its
-    own; isolate=False runs it here (tests, notebooks)."""
+    """Measure one model, by default in a fresh Python (worker_command) so that its peak memory, its runtime
+    and a crash are its own; isolate=False runs it here (tests, notebooks)."""
     if not isolate:
         return MEASURE[job.kind](job)
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        try:
-            return pool.submit(MEASURE[job.kind], job).result()
-        except concurrent.futures.process.BrokenProcessPool:
-            raise CompareError(f"the process measuring {job.name} died (out of memory?)") from None
-        except (MemoryError, RuntimeError) as exc:  # e.g. torch.OutOfMemoryError, a failed llama_decode
-            raise CompareError(f"measuring {job.name} failed: {type(exc).__name__}: {exc}") from None
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH")) if p))
+    with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
+        job_path, result_path = Path(tmp, "job.pkl"), Path(tmp, "result.pkl")
+        job_path.write_bytes(pickle.dumps(job))
+        done = subprocess.run(worker_command(job.kind, job_path, result_path), env=env)
+        if done.returncode != 0 or not result_path.is_file():
+            raise CompareError(f"the process measuring {job.name} {exit_description(done.returncode)} (out of "
+                               f"memory, or a crash in {WORKER_RUNTIME[job.kind]}: its output is above)")
+        outcome = pickle.loads(result_path.read_bytes())  # written by our own worker, in our own temp dir
+    if isinstance(outcome, ModelResult):
+        return outcome
+    error_type, message = outcome
+    raise CompareError(message if error_type == "CompareError" else
+                       f"measuring {job.name} failed: {error_type}: {message}")
 
 
 # --------------------------------------------------------------------------------------------------------------

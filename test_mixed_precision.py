@@ -22,6 +22,7 @@ llama.cpp's F16 KV cache and its order of summation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -110,17 +111,16 @@ def measure_simulated(model_dir: Path, plan, windows, reference, prompt_ids, sto
     return quality, generations, f"transformers {device} float32, {rounding}"
 
 
-def measure_gguf(path, windows, reference, prompt_ids, stop_ids, settings):
-    """Quality and greedy generations of the GGUF through llama.cpp (same windows, same prompts)."""
-    longest = max([len(p) for p in prompt_ids] + [0]) + settings.max_tokens
-    llm = eval_utils.open_llama(path, max(settings.seq_len, longest), 512, True, settings.n_threads)
-    try:
-        quality = eval_utils.evaluate_quality(eval_utils.llama_logits_fn(llm), windows, reference,
-                                              settings.progress, desc="GGUF")
-        generations = [eval_utils.llama_greedy(llm, ids, settings.max_tokens, stop_ids) for ids in prompt_ids]
-    finally:
-        llm.close()
-    return quality, generations
+def measure_gguf(path, windows, model_dir, prompt_ids, stop_ids, settings):
+    """Quality and greedy generations of the GGUF through llama.cpp (same windows, same prompts), in a fresh
+    Python without torch (eval_utils.run_job: one process cannot hold both with CUDA builds). Its speed test
+    is cut to one token: only quality and answers are used here."""
+    key = eval_utils.reference_key(eval_utils.original_reference_source(model_dir, settings), windows,
+                                   settings.reference_dtype)
+    job = eval_utils.ModelJob("GGUF", "gguf", str(path), windows, prompt_ids, stop_ids,
+                              dataclasses.replace(settings, pp_tokens=1, tg_tokens=1, speed_runs=1), key)
+    result = eval_utils.run_job(job)
+    return eval_utils.Quality(**result.quality), result.generations
 
 
 def relative_difference(a: float, b: float) -> float:
@@ -166,8 +166,8 @@ def main(argv=None) -> None:
                                                              args.activations == "ggml")
         rows, texts = [("simulated", simulated)], {"simulated": simulated_ids}
         if args.gguf_path is not None:
-            shipped, texts["GGUF"] = measure_gguf(args.gguf_path, windows, reference, prompt_ids, stop_ids,
-                                                  settings)
+            shipped, texts["GGUF"] = measure_gguf(args.gguf_path, windows, original.model_dir, prompt_ids,
+                                                  stop_ids, settings)
             rows.append(("GGUF", shipped))
     except (CompareError, ExportError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -231,6 +232,45 @@ def test_transformers_greedy_with_kv_cache_equals_full_recompute(hf_model, windo
             ids.append(int(hf_model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
     assert cached == ids[len(prompt):]
     assert len(set(cached)) > 1          # a real continuation, not one token repeated
+
+
+@pytest.mark.parametrize("kind", ["gguf", "transformers"])
+def test_each_model_is_measured_in_a_python_that_loads_only_its_runtime(kind, tiny, windows, tmp_path):
+    """torch and a CUDA llama.cpp cannot share a process (eval_utils.WORKER_RUNTIME): the GGUF's worker loads
+    llama.cpp's library before numpy and never imports torch; the original's never imports llama_cpp."""
+    settings = eval_utils.Settings(seq_len=SEQ_LEN, pp_tokens=8, tg_tokens=4, speed_runs=1, max_tokens=4,
+                                   n_threads=1, device="cpu", cache_dir=str(tmp_path / "cache"), progress=False)
+    path = tiny["q4km"] if kind == "gguf" else tiny["dir"]
+    job = eval_utils.ModelJob("m", kind, str(path), windows[:1], [[1, 2, 3]], [], settings)
+    job_path, result_path = tmp_path / "job.pkl", tmp_path / "result.pkl"
+    job_path.write_bytes(pickle.dumps(job))
+    python, *rest = eval_utils.worker_command(kind, job_path, result_path)
+    done = subprocess.run([python, "-X", "importtime", *rest], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = pickle.loads(result_path.read_bytes())
+    assert isinstance(result, eval_utils.ModelResult) and result.quality["ppl"] > 1
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")]
+    packages = [name.split(".")[0] for name in imported]
+    if kind == "gguf":
+        assert "torch" not in packages
+        assert imported.index("llama_cpp.llama_cpp") < packages.index("numpy")
+    else:
+        assert "torch" in packages and "llama_cpp" not in packages
+
+
+def test_a_failing_worker_is_one_clear_error(tiny, windows, tmp_path):
+    """A GGUF llama.cpp cannot parse fails in the worker and comes back as one line naming the file; a worker
+    killed by a signal is named by the signal."""
+    settings = eval_utils.Settings(seq_len=SEQ_LEN, pp_tokens=8, tg_tokens=4, speed_runs=1, max_tokens=4,
+                                   n_threads=1, device="cpu", cache_dir=str(tmp_path / "cache"), progress=False)
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(tiny["q4km"].read_bytes()[:4096])
+    with pytest.raises(CompareError, match="broken"):
+        eval_utils.run_job(eval_utils.ModelJob("broken", "gguf", str(bad), windows[:1], [], [], settings))
+    assert eval_utils.exit_description(-11) == "was killed by SIGSEGV"
+    assert eval_utils.exit_description(1) == "exited with status 1"
 
 
 def test_missing_files_fail_with_the_command_that_makes_them(tiny, tmp_path, capsys):
