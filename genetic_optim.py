@@ -141,9 +141,11 @@ def gram_output_energy(weight: torch.Tensor, gram: torch.Tensor) -> float:
 
 def diagonal_output_error(weight: torch.Tensor, new_weight: torch.Tensor, mean_sq_input: torch.Tensor) -> float:
     """sum_j h_j sum_i dW_ij^2 with h the mean squared input (H's diagonal / N): the output error with the
-    inputs' correlations ignored, for inputs too wide to keep a Gram of (what llama.cpp's quantizer weighs)."""
-    h = mean_sq_input.to(device=weight.device, dtype=torch.float64)
-    dw = new_weight.to(device=weight.device, dtype=torch.float64) - weight.to(torch.float64)
+    inputs' correlations ignored, for inputs too wide to keep a Gram of (what llama.cpp's quantizer weighs).
+    Computed on the GPU when either weight is there (a streamed block's weight is held in CPU RAM)."""
+    device = new_weight.device if new_weight.device.type != "cpu" else weight.device
+    h = mean_sq_input.to(device=device, dtype=torch.float64)
+    dw = new_weight.to(device=device, dtype=torch.float64) - weight.to(device=device, dtype=torch.float64)
     return float(dw.square().sum(0) @ h)
 
 
@@ -220,6 +222,7 @@ class HeldOutCache:
         return hidden.reshape(-1, hidden.shape[-1]).split(self.KL_ROWS)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(self.head.weight.device)   # the last block may sit on another GPU (place_model)
         with calib_stats.float32_params(self.norm), calib_stats.float32_params(self.head):
             z = self.head(self.norm(hidden))
         return z.reshape(-1, z.shape[-1]).float()
@@ -303,13 +306,15 @@ class HeldOutCache:
 def replaced_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
     """Temporarily give parameters new values, kept in float32 whatever the model's storage dtype (a
     quantized weight rounded to bf16 would not be the weight llama.cpp holds); a tied embedding changes in
-    both of its uses."""
+    both of its uses. A value goes to its parameter's GPU; one for a parameter held in CPU RAM stays where it
+    is (a streamed block runs on the GPU: calib_stats.streamed_to then leaves it there)."""
     saved = {}
     try:
         for name, value in weights.items():
             param = model.get_parameter(name)
             saved[name] = param.data
-            param.data = value.to(device=param.device, dtype=calib_stats.COMPUTE_DTYPE)
+            device = value.device if param.device.type == "cpu" else param.device
+            param.data = value.to(device=device, dtype=calib_stats.COMPUTE_DTYPE)
         yield model
     finally:
         for name, data in saved.items():
@@ -354,10 +359,31 @@ class ResultCache:
 # The analyzer
 # ---------------------------------------------------------------------------------------------------------
 
+def working_bytes(model: nn.Module, held_out_tokens: int, stack_tokens: int, with_logits: bool = True) -> int:
+    """GPU memory the sensitivity analysis and the GA use beside the weights, from the model's widths: the
+    reference logits and probabilities of `held_out_tokens` (with_logits: on the GPU holding the head), every
+    block's inputs for them, one stacked pass of `stack_tokens` through an MLP, float32 copies of six blocks
+    (compute copies, replaced and decoded weights, a streamed block's copy) and 1 GiB of CUDA context, plus
+    15% for the allocator. What place_model keeps free on each GPU. (7B shape, defaults: 16.8 GB; measured on
+    the H100, 14.6 GB beside the weights with the model on the GPU, 15.7 GB with every block streamed.)"""
+    cfg = model.config
+    largest_block = max(sum(p.numel() for p in b.parameters()) for b in calib_stats.decoder_blocks(model))
+    f32 = 4
+    total = (2 * held_out_tokens * cfg.vocab_size * f32 * with_logits
+             + (cfg.num_hidden_layers + 1) * held_out_tokens * cfg.hidden_size * f32
+             + 4 * stack_tokens * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size) * f32
+             + 6 * largest_block * f32 + 2**30)
+    return int(1.15 * total)
+
+
 class LayerSensitivityAnalyzer:
     """Sensitivity of every quantizable tensor to every candidate GGUF type (see the module docstring).
 
-    The model is moved to `device` in its own dtype and computes in float32 one block at a time
+    With `device` CUDA and a model that does not fit there beside its working memory (`max_memory`: bytes
+    per device, default the free memory of every GPU; `eval_tokens`: the largest held-out set the GA will
+    measure), the blocks are spread over the GPUs and the rest held in CPU RAM and streamed to `device` as
+    they run (calib_stats.place_model; `device_map` says where each went). The model is moved to `device`
+    in its own dtype and computes in float32 one block at a time
     (calib_stats.float32_params; the KLD re-runs the tail of the network many times, and a 7B model in bf16
     leaves room on a 40 GB budget that its float32 copy would not). `holdout_ids` [n, seq_len] must not
     overlap the windows the statistics came from; they run in
@@ -368,9 +394,15 @@ class LayerSensitivityAnalyzer:
     def __init__(self, model: nn.Module, stats: CalibStats, holdout_ids: torch.Tensor, cache_dir=None,
                  device="auto", k_menu: Sequence[str] = K_MENU, block32_menu: Sequence[str] = BLOCK32_MENU,
                  kld_types: str | Sequence[str] = DEFAULT_KLD_TYPES, kld_batch_size: int = 4,
-                 kld_stack: int = 8, progress: bool = True):
+                 kld_stack: int = 8, progress: bool = True, max_memory: dict[str, int] | None = None,
+                 eval_tokens: int = 0):
         self.device = calib_stats.resolve_device(device)
-        self.model = model.to(device=self.device).eval()
+        held_out_tokens = max(int(holdout_ids.numel()), eval_tokens)
+        stack_tokens = max(kld_stack * kld_batch_size * holdout_ids.shape[-1], eval_tokens)
+        self.device_map = calib_stats.place_model(model, self.device, max_memory,
+                                                  working_bytes(model, held_out_tokens, stack_tokens),
+                                                  working_bytes(model, held_out_tokens, stack_tokens, False))
+        self.model = model.eval()
         self.stats = stats
         self.holdout_ids = holdout_ids.to(torch.long)
         self.tensors = quantizable_tensors(model, k_menu, block32_menu)

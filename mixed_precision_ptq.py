@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode_costs", default=None,
                    help="decode cost table (JSON from decode_speed.py) to use instead of measuring one here, "
                         "e.g. one measured on the machine that will run the model")
+    p.add_argument("--max_memory", default=None, help=calib_stats.MAX_MEMORY_HELP)
     p.add_argument("--cache_dir", default="models/cache", help="statistics and sensitivity cache (resumable)")
     return p.parse_args(argv)
 
@@ -254,6 +255,7 @@ def main(argv=None) -> None:
         info = gguf_plan.load_model_info(model_dir, model_name)
         budget, budget_source = budget_bytes(args, info)
         allowed = None if args.types is None else [quant_utils.get_type(t).name for t in args.types.split(",")]
+        max_memory = calib_stats.parse_max_memory(args.max_memory) if args.max_memory else None
         model, tokenizer = calib_stats.load_model_and_tokenizer(str(model_dir))
         device = calib_stats.resolve_device(args.device)
         if device.type == "cpu" or args.smooth != "off":
@@ -293,7 +295,9 @@ def main(argv=None) -> None:
 
         t0 = time.perf_counter()
         analyzer = go.LayerSensitivityAnalyzer(model, stats, holdout_ids, cache_dir=Path(args.cache_dir) /
-                                               "sensitivity", device=args.device, **menu_args)
+                                               "sensitivity", device=args.device, **menu_args,
+                                               max_memory=max_memory, eval_tokens=measure_ids.numel())
+        print(f"placement: {calib_stats.describe_device_map(analyzer.device_map)}")
         table = analyzer.run()
         table.save(out.with_suffix(".sensitivity"))
         go.plot_heatmap(table, out.with_suffix(".sensitivity.png"))

@@ -14,6 +14,11 @@
 #     it changes neither size nor speed); llama-bench each (pp512, tg128, all layers on the GPU)
 #  5. compare_three_models.py: original (transformers, CUDA) vs Q4_K_M vs mixed
 # Stages whose outputs exist are skipped, so `start` again resumes. Not part of `make test`.
+#
+# Variants (environment): MAX_MEMORY=16GiB runs the search under --max_memory 0=16GiB (a GPU of that size: the
+# blocks that do not fit are held in CPU RAM and streamed); DECODE_COSTS=FILE uses that decode cost table
+# instead of measuring one; SEARCH_ONLY=1 stops after the search and builds only ggml's CPU library (the
+# quantizer). The split run in README: MAX_MEMORY=16GiB DECODE_COSTS=.device/decode-costs.json SEARCH_ONLY=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -22,6 +27,9 @@ SDIST=.device/llama_cpp_python-$VERSION-trimmed.tar.gz
 W=${W:-/tmp/q7}
 OUT=${OUT:-$W/out}
 ARCH=${CUDA_ARCH:-90}
+MAX_MEMORY=${MAX_MEMORY:-}
+DECODE_COSTS=${DECODE_COSTS:-}
+SEARCH_ONLY=${SEARCH_ONLY:-}
 
 prepare() {   # on the dev machine: what travels with the working tree (.device/ and .whl/ are git-ignored)
   mkdir -p .device/data .whl
@@ -80,19 +88,27 @@ pipeline() {
   environment
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   lscpu | grep -E '^(Model name|CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\))' || true
-  if [ ! -x /tmp/llama-cuda/bin/llama-bench ]; then
+  if [ -n "$SEARCH_ONLY" ] && [ ! -e /tmp/llama-cuda/bin/libggml-cpu.so ]; then
+    stage build_ggml_cpu bash -c "cmake -S /tmp/llsrc/llama_cpp_python-$VERSION/vendor/llama.cpp -B /tmp/llama-cuda \
+      -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=off -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF -DLLAMA_OPENSSL=OFF \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null \
+      && cmake --build /tmp/llama-cuda -j$(nproc) --target ggml-base ggml-cpu"
+  fi
+  if [ -z "$SEARCH_ONLY" ] && [ ! -x /tmp/llama-cuda/bin/llama-bench ]; then
     stage build_llama_cuda bash -c "cmake -S /tmp/llsrc/llama_cpp_python-$VERSION/vendor/llama.cpp -B /tmp/llama-cuda \
       -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DLLAMA_CURL=OFF \
       -DGGML_OPENMP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null \
       && cmake --build /tmp/llama-cuda -j$(nproc) --target llama llama-bench llama-perplexity"
   fi
-  python3 -c "import llama_cpp, quant_utils; print('llama.cpp GPU offload:', llama_cpp.llama_supports_gpu_offload(), \
-    '| ggml-base:', quant_utils._find_libggml_base())"
+  [ -n "$SEARCH_ONLY" ] || python3 -c "import llama_cpp, quant_utils; print('llama.cpp GPU offload:', \
+    llama_cpp.llama_supports_gpu_offload(), '| ggml-base:', quant_utils._find_libggml_base())"
   local model=$W/qwen2.5-7b-shaped
   [ -f "$model/shape.json" ] || stage checkpoint python3 tools/make_shaped_model.py --output "$model" --device cuda
   [ -f "$W/mixed.pt" ] || stage ptq python3 mixed_precision_ptq.py --model_id "$model" --device cuda \
     --calib_file .device/data/wiki.valid.tokens --target_preset Q4_K_M --max_slowdown 1.0 \
-    --output "$W/mixed.pt" --cache_dir "$W/cache"
+    --output "$W/mixed.pt" --cache_dir "$W/cache" ${MAX_MEMORY:+--max_memory 0=$MAX_MEMORY} \
+    ${DECODE_COSTS:+--decode_costs $DECODE_COSTS}
+  if [ -n "$SEARCH_ONLY" ]; then echo "=== $(date -u +%T) pipeline done (search only)"; return; fi
   [ -f "$W/mixed.gguf" ] || stage export_mixed python3 export_gguf_official.py --model_id "$model" \
     --config "$W/mixed.pt" --output "$W/mixed.gguf"
   [ -f "$W/q4_k_m.gguf" ] || stage export_q4_k_m python3 export_gguf_official.py --model_id "$model" \

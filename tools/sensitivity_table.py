@@ -37,6 +37,7 @@ def parse_args(argv=None):
                         help="types whose KLD is measured (comma list), 'all', or 'none'")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward call (statistics)")
     parser.add_argument("--cache_dir", default="models/cache/sensitivity", help="resumable per-tensor results")
+    parser.add_argument("--max_memory", default=None, help=calib_stats.MAX_MEMORY_HELP)
     parser.add_argument("--output", default="models/sensitivity/sensitivity", help="output path prefix")
     parser.add_argument("--additivity", type=int, default=0, help="random mixed assignments to check")
     parser.add_argument("--additivity_file", default=None,
@@ -55,6 +56,7 @@ def main(argv=None) -> None:
         cpu_seconds[name] = time.process_time() - cpu_start
 
     try:
+        max_memory = calib_stats.parse_max_memory(args.max_memory) if args.max_memory else None
         t, c = time.perf_counter(), time.process_time()
         model, tokenizer = calib_stats.load_model_and_tokenizer(args.model)
         if calib_stats.resolve_device(args.device).type == "cpu":
@@ -78,7 +80,9 @@ def main(argv=None) -> None:
 
         t, c = time.perf_counter(), time.process_time()
         analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout_ids, cache_dir=args.cache_dir,
-                                                          device=args.device, kld_types=kld_types)
+                                                          device=args.device, kld_types=kld_types,
+                                                          max_memory=max_memory)
+        print(f"placement: {calib_stats.describe_device_map(analyzer.device_map)}")
         table = analyzer.run()
         phase_done("sensitivity", t, c)
         table.meta["seconds"] = seconds
