@@ -229,8 +229,7 @@ def run_block(block: nn.Module, batch: BlockBatch) -> torch.Tensor:
     device (where its weights are, or where a CPU-held block is streamed: see place_model); the inputs follow
     the block there, and the output stays there."""
     device = execution_device(block)
-    if batch.hidden.device != device:
-        batch = BlockBatch(_to_device(batch.hidden, device), _to_device(batch.kwargs, device))
+    batch = BlockBatch(_to_device(batch.hidden, device), _to_device(batch.kwargs, device))  # no-op when there
     with streamed_to(block, device), float32_params(block):
         out = block(batch.hidden, **batch.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -306,6 +305,8 @@ def parse_max_memory(text: str) -> dict[str, int]:
 def available_memory() -> dict[str, int]:
     """Free bytes on every visible GPU and available CPU RAM (accelerate's get_max_memory)."""
     from accelerate.utils import get_max_memory
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()         # memory torch keeps cached (e.g. from the statistics) counts as free
     return {(f"cuda:{k}" if isinstance(k, int) else str(k)): int(v) for k, v in get_max_memory().items()}
 
 

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -830,7 +831,9 @@ def worker_main(job_path: str, result_path: str) -> None:
     job = pickle.loads(Path(job_path).read_bytes())
     try:
         outcome = MEASURE[job.kind](job)
-    except (CompareError, MemoryError, RuntimeError) as exc:  # e.g. torch.OutOfMemoryError, a failed llama_decode
+    except Exception as exc:  # reported by the parent as one line; the traceback is printed here
+        if not isinstance(exc, CompareError):
+            traceback.print_exc()
         outcome = (type(exc).__name__, str(exc))
     Path(result_path).write_bytes(pickle.dumps(outcome))
 

@@ -382,8 +382,8 @@ class LayerSensitivityAnalyzer:
     With `device` CUDA and a model that does not fit there beside its working memory (`max_memory`: bytes
     per device, default the free memory of every GPU; `eval_tokens`: the largest held-out set the GA will
     measure), the blocks are spread over the GPUs and the rest held in CPU RAM and streamed to `device` as
-    they run (calib_stats.place_model; `device_map` says where each went). The model is moved to `device`
-    in its own dtype and computes in float32 one block at a time
+    they run (calib_stats.place_model; `device_map` says where each went). The model is kept resident
+    in its own dtype (on `device`, or as placed) and computes in float32 one block at a time
     (calib_stats.float32_params; the KLD re-runs the tail of the network many times, and a 7B model in bf16
     leaves room on a 40 GB budget that its float32 copy would not). `holdout_ids` [n, seq_len] must not
     overlap the windows the statistics came from; they run in

@@ -119,6 +119,9 @@ def measure_gguf(path, windows, model_dir, prompt_ids, stop_ids, settings):
                                    settings.reference_dtype)
     job = eval_utils.ModelJob("GGUF", "gguf", str(path), windows, prompt_ids, stop_ids,
                               dataclasses.replace(settings, pp_tokens=1, tg_tokens=1, speed_runs=1), key)
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()          # the simulated model's cached memory, for the worker on the same GPU
     result = eval_utils.run_job(job)
     return eval_utils.Quality(**result.quality), result.generations
 

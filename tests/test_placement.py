@@ -1,6 +1,6 @@
 """Placement of a model that does not fit one GPU (calib_stats.place_model, plan_device_map).
 
-The split itself runs only with CUDA (the H100 run in README: the 7B shape under --max_memory 0=16GiB gives
+The split itself runs only with CUDA (the H100 run in README: the 7B shape under --max_memory 0=20GiB gives
 the same KLDs as the whole model on the GPU); here the plan, the memory options and the working-memory
 estimate are checked, and the CPU path is checked to leave the model whole.
 """

@@ -18,7 +18,7 @@
 # Variants (environment): MAX_MEMORY=16GiB runs the search under --max_memory 0=16GiB (a GPU of that size: the
 # blocks that do not fit are held in CPU RAM and streamed); DECODE_COSTS=FILE uses that decode cost table
 # instead of measuring one; SEARCH_ONLY=1 stops after the search and builds only ggml's CPU library (the
-# quantizer). The split run in README: MAX_MEMORY=16GiB DECODE_COSTS=.device/decode-costs.json SEARCH_ONLY=1.
+# quantizer). The split run in README: MAX_MEMORY=20GiB DECODE_COSTS=.device/decode-costs.json SEARCH_ONLY=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
