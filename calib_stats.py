@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,7 +277,7 @@ def pin_in_one_buffer(module: nn.Module, pin_memory: bool = True, align: int = 6
     twice that (a 45 GB peak RSS on the H100)."""
     tensors = list({id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
     sizes = [t.numel() * t.element_size() for t in tensors]
-    offsets = [sum(-(-n // align) * align for n in sizes[:i]) for i in range(len(sizes))]
+    offsets = [0, *itertools.accumulate(-(-n // align) * align for n in sizes[:-1])]
     buffer = torch.empty(offsets[-1] + sizes[-1], dtype=torch.uint8, pin_memory=pin_memory)
     for t, offset, n in zip(tensors, offsets, sizes):
         view = buffer[offset:offset + n].view(t.dtype).view(t.shape)
@@ -372,8 +373,8 @@ def place_model(model: nn.Module, device: torch.device, capacity: dict[str, int]
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         capacity = capacity or available_memory()
-        resident_bytes = module_bytes(model) - sum(module_bytes(b) for b in blocks)
-        mapping = plan_device_map({"": resident_bytes}, [(n, module_bytes(b)) for n, b in zip(names, blocks)],
+        block_bytes = [module_bytes(b) for b in blocks]
+        mapping = plan_device_map({"": module_bytes(model) - sum(block_bytes)}, list(zip(names, block_bytes)),
                                   str(device), capacity, reserve_bytes, other_reserve_bytes)
     inner = decoder(model)
     layers, inner.layers = inner.layers, nn.ModuleList()

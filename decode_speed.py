@@ -173,10 +173,9 @@ def decode_tok_s(gguf_path: Path, tg_tokens: int, runs: int, n_threads: int) -> 
     code = ("import llama_cpp\nimport eval_utils, json, sys\n"
             "llm = eval_utils.open_llama(sys.argv[1], int(sys.argv[2]) + 8, 8, False, int(sys.argv[4]))\n"
             "print(json.dumps(eval_utils.llama_speed(llm, 1, int(sys.argv[2]), int(sys.argv[3]))[1]))\n")
-    repo = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+    import eval_utils
     done = subprocess.run([sys.executable, "-c", code, str(gguf_path), str(tg_tokens), str(runs), str(n_threads)],
-                          capture_output=True, text=True, env=env, cwd=repo)
+                          capture_output=True, text=True, env=eval_utils.repo_python_env(), cwd=eval_utils.REPO_DIR)
     if done.returncode != 0:
         raise RuntimeError(f"decode benchmark of {gguf_path.name} failed (exit {done.returncode}): "
                            f"{done.stderr.strip()[-500:]}")

@@ -819,6 +819,12 @@ MEASURE = {"gguf": measure_gguf, "transformers": measure_transformers}
 WORKER_RUNTIME = {"gguf": "llama_cpp", "transformers": "torch"}
 
 
+def repo_python_env() -> dict[str, str]:
+    """This environment with the repository on PYTHONPATH: for a fresh Python that imports our modules."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH"))
+                                                       if p))
+
+
 def worker_command(kind: str, job_path: Path, result_path: Path) -> list[str]:
     """The command line of the fresh Python that measures one pickled job (see WORKER_RUNTIME)."""
     code = (f"import {WORKER_RUNTIME[kind]}\nimport sys\nimport eval_utils\n"
@@ -853,11 +859,10 @@ def run_job(job: ModelJob, isolate: bool = True) -> ModelResult:
     and a crash are its own; isolate=False runs it here (tests, notebooks)."""
     if not isolate:
         return MEASURE[job.kind](job)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH")) if p))
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
         job_path, result_path = Path(tmp, "job.pkl"), Path(tmp, "result.pkl")
         job_path.write_bytes(pickle.dumps(job))
-        done = subprocess.run(worker_command(job.kind, job_path, result_path), env=env)
+        done = subprocess.run(worker_command(job.kind, job_path, result_path), env=repo_python_env())
         if done.returncode != 0 or not result_path.is_file():
             raise CompareError(f"the process measuring {job.name} {exit_description(done.returncode)} (out of "
                                f"memory, or a crash in {WORKER_RUNTIME[job.kind]}: its output is above)")
