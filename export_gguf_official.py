@@ -2,12 +2,15 @@
 
 Types per tensor come from the mixed-precision config written by the search (or from a llama.cpp preset);
 every weight is quantized by ggml itself (quant_utils), so the file holds bit for bit what the search simulated.
+Tensors the search quantized with GPTQ error feedback (gptq.py) are not quantized again: their bytes come from
+the config's tensor file (`<config>.tensors.gguf`), checked against the checkpoint they were made from.
 Tensors stream one at a time from the safetensors shards: peak memory is about one tensor, not the model.
 The file is written under a temporary name, reopened and checked against the plan, then renamed.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -72,7 +75,11 @@ def load_config(path, info: gguf_plan.ModelInfo) -> dict:
       "imatrix":           optional {hf_name: 1-D float tensor}, per input column the mean squared activation
                            (llama.cpp's imatrix: sum of squares / count), used when quantizing that tensor
       "imatrix_path":      optional path of a llama.cpp imatrix GGUF (used if "imatrix" is absent)
-    --imatrix on the command line overrides both. Returns the dict with type names normalised.
+      "quantized_tensors": optional {"path": tensor file name beside the config (write_quantized_tensors),
+                           "fingerprints": {hf_name: source_fingerprint of the weight it was made from}}:
+                           these tensors ship as the file holds them
+    --imatrix on the command line overrides both (not the tensor file's tensors). Returns the dict with type
+    names normalised and the tensor file's path resolved.
     """
     import torch
     path = Path(path)
@@ -98,6 +105,18 @@ def load_config(path, info: gguf_plan.ModelInfo) -> dict:
     except ValueError as exc:
         raise ExportError(f"config {path}: {exc}") from None
     check_smoothing(cfg.get("smoothing"), info, path)
+    shipped = cfg.get("quantized_tensors")
+    if shipped:
+        if not isinstance(shipped, dict) or not isinstance(shipped.get("fingerprints"), dict):
+            raise ExportError(f"config {path}: quantized_tensors must name a tensor file and fingerprints")
+        unknown = set(shipped["fingerprints"]) - set(cfg["tensor_types"])
+        if unknown:
+            raise ExportError(f"config {path}: quantized_tensors names {sorted(unknown)[0]}, which has no type")
+        tensor_file = path.parent / str(shipped.get("path"))
+        if not tensor_file.is_file():
+            raise ExportError(f"config {path} ships {len(shipped['fingerprints'])} tensors from {tensor_file}, "
+                              "which is missing: keep the search's outputs together, or rerun the search")
+        cfg["quantized_tensors"] = dict(shipped, path=str(tensor_file))
     return cfg
 
 
@@ -133,6 +152,62 @@ def save_config(path, info: gguf_plan.ModelInfo, tensor_types: dict, imatrix: di
     tmp = path.with_name(f".{path.name}.part")
     torch.save(cfg, tmp)
     os.replace(tmp, path)
+
+
+def source_fingerprint(weight) -> str:
+    """Of a checkpoint weight as float32, before any smoothing: the hash of 8 evenly spread rows. Enough to
+    tell apart the same tensor of two checkpoints (a fine-tune changes every row), cheap at 7B scale."""
+    import torch
+    rows = torch.linspace(0, weight.shape[0] - 1, 8).round().long().unique()
+    sample = weight.detach()[rows.to(weight.device)].float().cpu().contiguous().numpy()
+    return hashlib.sha256(sample.tobytes()).hexdigest()[:16]
+
+
+def write_quantized_tensors(path, info: gguf_plan.ModelInfo, tensors: dict[str, tuple[str, bytes]]) -> Path:
+    """Write {hf_name: (type, GGUF bytes in HF row order)} as a GGUF of those tensors under their GGUF names,
+    atomically (temp file, then rename): the search's GPTQ-quantized tensors, which the exporter ships as is."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    specs = {t.hf_name: t for t in info.tensors}
+    writer = gguf.GGUFWriter(tmp, info.arch)
+    try:
+        for name, (qtype, raw) in tensors.items():
+            t = get_type(qtype)
+            if len(raw) != t.tensor_size_bytes(specs[name].shape):
+                raise ExportError(f"{len(raw)} bytes do not hold {name} {list(specs[name].shape)} as {t.name}")
+            writer.add_tensor_info(specs[name].gguf_name, specs[name].shape, np.dtype(np.float32), len(raw),
+                                   raw_dtype=gguf.GGMLQuantizationType[t.name])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, raw in tensors.values():
+            writer.write_tensor_data(np.frombuffer(raw, dtype=np.uint8))
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_quantized_tensors(path, info: gguf_plan.ModelInfo, tensor_types: dict[str, str],
+                           names) -> dict[str, np.ndarray]:
+    """{hf_name: uint8 [rows, row bytes]} of `names` from a tensor file (write_quantized_tensors), each checked
+    to be there with the planned type and shape (memory-mapped: nothing is read until used)."""
+    by_gguf = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    specs = {t.hf_name: t for t in info.tensors}
+    out = {}
+    for name in names:
+        spec, qtype = specs[name], get_type(tensor_types[name])
+        t = by_gguf.get(spec.gguf_name)
+        if t is None:
+            raise ExportError(f"{path} does not hold {spec.gguf_name} ({name})")
+        if t.tensor_type.name != qtype.name or tuple(int(n) for n in t.shape) != tuple(reversed(spec.shape)):
+            raise ExportError(f"{path}: {spec.gguf_name} is {t.tensor_type.name} {list(t.shape)}, the config "
+                              f"plans {qtype.name} {list(reversed(spec.shape))}")
+        out[name] = t.data.reshape(spec.shape[0], qtype.row_size_bytes(spec.shape[1]))
+    return out
 
 
 def load_imatrix(path, info: gguf_plan.ModelInfo) -> dict[str, np.ndarray]:
@@ -200,6 +275,8 @@ class ExportPlan:
     fallbacks: list = field(default_factory=list)   # (hf_name, asked, stored)
     imatrix: dict | None = None        # hf_name -> float32 per-column importance
     smoothing: Smoothing = field(default_factory=Smoothing)   # exact rescaling applied to the tensors first
+    shipped: dict = field(default_factory=dict)        # hf_name -> uint8 [rows, row bytes], HF row order
+    source_fingerprints: dict = field(default_factory=dict)   # hf_name -> source_fingerprint, for `shipped`
 
     @property
     def tensor_types(self) -> dict:
@@ -231,6 +308,10 @@ def plan_from_config(info, cfg: dict, imatrix_path=None) -> ExportPlan:
         imatrix = None
     plan = plan_from_types(info, cfg["tensor_types"], imatrix)
     plan.smoothing = Smoothing.from_dict(cfg.get("smoothing"))
+    if cfg.get("quantized_tensors"):
+        shipped = cfg["quantized_tensors"]
+        plan.source_fingerprints = dict(shipped["fingerprints"])
+        plan.shipped = read_quantized_tensors(shipped["path"], info, plan.stored_types, plan.source_fingerprints)
     return plan
 
 
@@ -279,6 +360,20 @@ def tensor_values(info, spec: gguf_plan.TensorSpec, smoothing: Smoothing | None 
         elif spec.hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _permute_rows(w, info.n_kv_heads)
     return w.numpy()
+
+
+def shipped_tensor(info, spec: gguf_plan.TensorSpec, rows: np.ndarray, fingerprint: str) -> np.ndarray:
+    """The tensor file's bytes of one tensor in llama.cpp's row order, after checking that the checkpoint holds
+    the weight they were made from."""
+    found = source_fingerprint(_read_float32(info.sources[spec.hf_name], spec.hf_name))
+    if found != fingerprint:
+        raise ExportError(f"the config's quantized {spec.hf_name} was made from another checkpoint (fingerprint "
+                          f"{fingerprint}, this one has {found}); rerun the search for this model")
+    if info.spec.permute_qk and spec.hf_name.endswith("q_proj.weight"):
+        rows = _permute_rows(rows, info.n_heads)
+    elif info.spec.permute_qk and spec.hf_name.endswith("k_proj.weight"):
+        rows = _permute_rows(rows, info.n_kv_heads)
+    return np.ascontiguousarray(rows).reshape(-1)
 
 
 def encode_tensor(values: np.ndarray, qtype: str, imatrix=None) -> np.ndarray:
@@ -338,12 +433,16 @@ def write_gguf(plan: ExportPlan, output, progress: bool = True) -> Path:
                 qtype = plan.stored_types[spec.hf_name]
                 bar.set_postfix_str(f"{spec.gguf_name} {qtype}", refresh=False)
                 try:
-                    values = tensor_values(info, spec, plan.smoothing)
-                    data = encode_tensor(values, qtype, (plan.imatrix or {}).get(spec.hf_name))
+                    if spec.hf_name in plan.shipped:
+                        data = shipped_tensor(info, spec, plan.shipped[spec.hf_name],
+                                              plan.source_fingerprints[spec.hf_name])
+                    else:
+                        data = encode_tensor(tensor_values(info, spec, plan.smoothing), qtype,
+                                             (plan.imatrix or {}).get(spec.hf_name))
                 except (ValueError, RuntimeError) as exc:
                     raise ExportError(f"tensor {spec.gguf_name} ({spec.hf_name}) as {qtype}: {exc}") from None
                 writer.write_tensor_data(data)
-                del values, data
+                del data
         writer.close()
         verify_gguf(tmp, plan)
         os.replace(tmp, output)
@@ -373,6 +472,8 @@ def summary_table(plan: ExportPlan, output: Path) -> str:
     if not plan.smoothing.is_identity():
         lines.append(f"smoothing ({plan.smoothing.mode}): {len(plan.smoothing.alpha)} input groups rescaled, "
                      f"{len(plan.smoothing.columns)} weights' columns, {len(plan.smoothing.rows)} producers folded")
+    if plan.shipped:
+        lines.append(f"{len(plan.shipped)} tensors shipped as the search quantized them (GPTQ error feedback)")
     file_size = os.path.getsize(output)
     lines.append(f"file {output}: {file_size:,} bytes ({file_size / 2**30:.3f} GiB)")
     if plan.fallbacks:

@@ -1,7 +1,8 @@
 """Mixed-precision type assignment for GGUF export.
 
 Part 1, per-tensor sensitivity (LayerSensitivityAnalyzer): for every quantizable tensor and every GGUF type
-that fits its rows, quantize that tensor alone with ggml's own quantizer (weighted by the imatrix) and measure
+that fits its rows, quantize that tensor alone with ggml's own quantizer (weighted by the imatrix; by default
+with GPTQ's error feedback wherever the tensor's input has a Gram, gptq.py) and measure
 - `rel_out_err`: the layer's output error through the input Gram matrix, tr(dW H dW^T) / tr(W H W^T);
 - `kld_mean`: the model-level damage, mean KL divergence of the next-token distribution from the original
   model's over held-out calibration tokens (full vocabulary, float32), recomputing only the blocks from the
@@ -38,9 +39,10 @@ from tqdm.auto import tqdm
 import activation_rounding
 import calib_stats
 from calib_stats import BlockBatch, CalibStats
+import gptq
 import quant_utils
 import torch_dequant
-from quant_utils import dequantize, fake_quantize, get_type, quantize
+from quant_utils import dequantize, get_type, quantize
 
 # Candidate menus. K-quants pack 256 weights per block; rows not divisible by 256 (hidden 576 or 896, say)
 # take the 32-weight-block types instead, as llama-quantize's fallbacks do. IQ4_NL is the 4.5-bit
@@ -54,6 +56,7 @@ BLOCK32_MENU = ("Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 # median 1.02x; worst 1.8x (Q4_1/Q5_1 on an attn_v, whose asymmetric grid errs in less harmful directions).
 DEFAULT_KLD_TYPES = ("Q4_K", "Q4_0")
 SENSITIVITY_FORMAT_VERSION = 3   # 2: tied embeddings quantized with the head's imatrix; 3: row samples
+QUANTIZERS = ("gptq", "ggml")     # gptq: ggml's quantizer with GPTQ error feedback (gptq.py); ggml: ggml alone
 # The output error of a type whose KLD is not measured needs only some rows quantized (ggml quantizes rows
 # independently, so a row of the sample is bit for bit that row of the whole tensor): tensors over
 # SAMPLE_ABOVE_WEIGHTS get an evenly spread row sample of about SAMPLE_WEIGHTS weights. On the Qwen2.5-7B
@@ -395,8 +398,11 @@ class LayerSensitivityAnalyzer:
                  device="auto", k_menu: Sequence[str] = K_MENU, block32_menu: Sequence[str] = BLOCK32_MENU,
                  kld_types: str | Sequence[str] = DEFAULT_KLD_TYPES, kld_batch_size: int = 4,
                  kld_stack: int = 8, progress: bool = True, max_memory: dict[str, int] | None = None,
-                 eval_tokens: int = 0):
+                 eval_tokens: int = 0, quantizer: str = "gptq"):
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, not {quantizer!r}")
         self.device = calib_stats.resolve_device(device)
+        self.quantizer = quantizer
         held_out_tokens = max(int(holdout_ids.numel()), eval_tokens)
         stack_tokens = max(kld_stack * kld_batch_size * holdout_ids.shape[-1], eval_tokens)
         self.device_map = calib_stats.place_model(model, self.device, max_memory,
@@ -415,14 +421,18 @@ class LayerSensitivityAnalyzer:
         self.n_computed = 0          # (tensor, type) pairs quantized and measured by this instance
         self._held_out: HeldOutCache | None = None
         self._energy: dict[str, float] = {}      # tr(W H W^T) per tensor
-        self.quantized: dict[tuple[str, str], bytes] = {}   # (tensor, type) -> ggml bytes, whole tensors only
+        self.quantized: dict[tuple[str, str], bytes] = {}   # (tensor, type) -> GGUF bytes, whole tensors only
+        self.plain_quantized: dict[tuple[str, str], bytes] = {}   # the same by ggml alone (see quantized_weight)
+        self._feedback: dict[tuple[str, int], gptq.Feedback] = {}   # (Gram key, block size), current block's
 
     def _run_key(self) -> str:
-        """Model, statistics data, held-out data and format: what the cached numbers depend on."""
+        """Model, statistics data, held-out data, quantizer and format: what the cached numbers depend on."""
         meta = self.stats.meta
         parts = [f"v{SENSITIVITY_FORMAT_VERSION}", meta.get("model_fingerprint") or
                  calib_stats.model_fingerprint(self.model), meta.get("calib_fingerprint", "unknown"),
                  str(max(self.stats.gram_tokens.values(), default=0)), calib_stats.ids_fingerprint(self.holdout_ids)]
+        if self.quantizer != "ggml":
+            parts.append(f"{self.quantizer}-damp{gptq.DAMP}-sweeps{gptq.REFINE_SWEEPS}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     @property
@@ -434,19 +444,45 @@ class LayerSensitivityAnalyzer:
     def wants_kld(self, qtype: str) -> bool:
         return self.kld_types == "all" or (self.kld_types != "none" and qtype in self.kld_types)
 
-    def quantized_weight(self, spec: TensorSpec, qtype: str) -> torch.Tensor:
-        """The tensor as llama.cpp will hold it in `qtype` (ggml round trip, imatrix-weighted), float32: decoded
-        on a CUDA device by torch_dequant (bit-identical to ggml's decoder, and only the bytes cross the bus),
-        elsewhere by ggml on the CPU. The ggml bytes are kept in `quantized` for AssignmentEvaluator, which
-        would otherwise quantize the same tensor again."""
+    def quantized_weight(self, spec: TensorSpec, qtype: str, plain: bool = False) -> torch.Tensor:
+        """The tensor as llama.cpp will hold it in `qtype` (`encode`'s bytes; with `plain`, ggml's alone, as
+        llama-quantize makes them), float32: decoded on a CUDA device by torch_dequant (bit-identical to ggml's
+        decoder, and only the bytes cross the bus), elsewhere by ggml on the CPU. The bytes are kept (in
+        `quantized`, or `plain_quantized`) so no (tensor, type) is quantized twice."""
+        store = self.plain_quantized if plain and self.quantizer != "ggml" else self.quantized
         key = (spec.name, qtype)
-        if key not in self.quantized:
-            weight = self.model.get_parameter(spec.name).detach()
-            self.quantized[key] = quantize(weight.cpu(), qtype, self.imatrix_of(spec))
+        if key not in store:
+            store[key] = self.encode(spec, qtype, feedback=store is self.quantized)
         if self.device.type == "cuda" and torch_dequant.supports(qtype):
-            return torch_dequant.dequantize(torch_dequant.bytes_on(self.quantized[key], self.device), qtype,
-                                            spec.shape)
-        return torch.from_numpy(dequantize(self.quantized[key], qtype, spec.shape))
+            return torch_dequant.dequantize(torch_dequant.bytes_on(store[key], self.device), qtype, spec.shape)
+        return torch.from_numpy(dequantize(store[key], qtype, spec.shape))
+
+    def feedback_of(self, spec: TensorSpec, qtype: str) -> gptq.Feedback | None:
+        """GPTQ's factor for this tensor's input at this type's block size; None where the quantizer is plain
+        ggml, for float types, and for tensors without a Gram (lookups, inputs wider than --gram_max_dim).
+        Factors are kept for one Gram at a time per block size (q/k/v and gate/up share theirs)."""
+        t = get_type(qtype)
+        if self.quantizer == "ggml" or t.is_float or spec.is_embedding or spec.name not in self.stats.gram_key:
+            return None
+        key = (self.stats.gram_key[spec.name], t.block_size)
+        if key not in self._feedback:
+            self._feedback = {k: v for k, v in self._feedback.items() if k[1] != t.block_size}
+            self._feedback[key] = gptq.feedback_factor(self.stats.gram_of(spec.name)[0].to(self.device),
+                                                       t.block_size)
+        return self._feedback[key]
+
+    def encode(self, spec: TensorSpec, qtype: str, rows: torch.Tensor | None = None, feedback: bool = True
+               ) -> bytes:
+        """The GGUF bytes of this tensor (or of its `rows`) in `qtype`: ggml's quantizer with the imatrix, and
+        GPTQ's error feedback where `feedback_of` gives a factor, unless `feedback` is off (rows are
+        independent either way)."""
+        weight = self.model.get_parameter(spec.name).detach()
+        if rows is not None:
+            weight = weight[rows.to(weight.device)]
+        feedback = self.feedback_of(spec, qtype) if feedback else None
+        if feedback is None:
+            return quantize(weight.cpu(), qtype, self.imatrix_of(spec))
+        return gptq.quantize(weight, qtype, feedback)
 
     def error_rows(self, spec: TensorSpec) -> torch.Tensor | None:
         """The rows the output error is measured on (None: all; see SAMPLE_ABOVE_WEIGHTS)."""
@@ -563,9 +599,9 @@ class LayerSensitivityAnalyzer:
             new_weight = self.quantized_weight(spec, qtype)
             new_rows = new_weight if rows is None else new_weight[rows.to(new_weight.device)]
         else:
-            weight = self.model.get_parameter(spec.name).detach()
             new_weight = None
-            new_rows = fake_quantize(weight[rows.to(weight.device)].cpu(), qtype, self.imatrix_of(spec))
+            shape = (int(rows.numel()), spec.shape[1])
+            new_rows = torch.from_numpy(dequantize(self.encode(spec, qtype, rows), qtype, shape))
         entry = {"tensor": spec.name, "type": qtype, "kind": spec.kind, "block": spec.block,
                  "bits_per_weight": get_type(qtype).bits_per_weight,
                  "size_bytes": get_type(qtype).tensor_size_bytes(spec.shape),
@@ -1207,22 +1243,24 @@ class AssignmentEvaluator:
         self.specs = {s.name: s for s in analyzer.tensors}
         self.results: dict[tuple, float] = {}
 
-    def weight(self, name: str, qtype: str) -> torch.Tensor:
+    def weight(self, name: str, qtype: str, plain: bool = False) -> torch.Tensor:
         """The analyzer's quantized weight: its bytes are shared, each (tensor, type) quantized once."""
-        return self.analyzer.quantized_weight(self.specs[name], qtype)
+        return self.analyzer.quantized_weight(self.specs[name], qtype, plain)
 
-    def kld_mean(self, tensor_types: dict[str, str]) -> float:
-        """Measured mean KLD of an assignment; the blocks' weights are decoded and replaced one block at a time."""
-        key = tuple(sorted(tensor_types.items()))
+    def kld_mean(self, tensor_types: dict[str, str], plain: bool = False) -> float:
+        """Measured mean KLD of an assignment (with `plain`, quantized by ggml alone, as llama-quantize would);
+        the blocks' weights are decoded and replaced one block at a time."""
+        plain = plain and self.analyzer.quantizer != "ggml"
+        key = (tuple(sorted(tensor_types.items())), plain)
         if key not in self.results:
             in_block: dict[int, list[str]] = {}
             for name in tensor_types:
                 if self.specs[name].block is not None:
                     in_block.setdefault(self.specs[name].block, []).append(name)
-            outside = {name: self.weight(name, qtype) for name, qtype in tensor_types.items()
+            outside = {name: self.weight(name, qtype, plain) for name, qtype in tensor_types.items()
                        if self.specs[name].block is None}
             with replaced_weights(self.analyzer.model, outside), \
                     activation_rounding.rounded_linear_inputs(self.analyzer.model, tensor_types):
                 self.results[key] = self.held_out.kld_mean_blockwise(
-                    lambda i: {n: self.weight(n, tensor_types[n]) for n in in_block.get(i, [])})
+                    lambda i: {n: self.weight(n, tensor_types[n], plain) for n in in_block.get(i, [])})
         return self.results[key]

@@ -1,10 +1,10 @@
 """Search a per-tensor GGUF type assignment under an exact file-size budget (genetic algorithm).
 
 Pipeline: load the model and calibration text, collect activation statistics block by block (cached), measure
-every tensor's sensitivity to every candidate type with ggml's own quantizers (cached, resumable), then run the
-genetic algorithm on that table with the end-to-end KLD of the fake-quantized model as the final judge, and
-save the config that export_gguf_official.py turns into a GGUF. The size the search promises is the size of
-the file the exporter writes, to the byte.
+every tensor's sensitivity to every candidate type with ggml's own quantizers and GPTQ error feedback (cached,
+resumable), then run the genetic algorithm on that table with the end-to-end KLD of the fake-quantized model as
+the final judge, and save the config (and the chosen tensors' GPTQ bytes) that export_gguf_official.py turns
+into a GGUF. The size the search promises is the size of the file the exporter writes, to the byte.
 
     python mixed_precision_ptq.py --model_id models/smollm2-135m-instruct \
         --calib_file ../shared/data/wikitext-2/wiki.valid.tokens --target_preset Q4_K_M
@@ -30,7 +30,8 @@ import genetic_optim as go
 import gguf_plan
 import quant_utils
 import smoothing
-from export_gguf_official import ExportError, resolve_model_dir, save_config
+from export_gguf_official import (ExportError, resolve_model_dir, save_config, source_fingerprint,
+                                  write_quantized_tensors)
 
 # llama.cpp presets offered to the GA as seeds and used as the uniform baseline at the budget.
 SEED_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gram_max_dim", type=int, default=8192,
                    help="no Gram for inputs wider than this (their output error goes through the imatrix)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward call")
+    p.add_argument("--quantizer", default="gptq", choices=go.QUANTIZERS,
+                   help="gptq: ggml's quantizer with GPTQ error feedback over block columns (tensors with a Gram; "
+                        "their bytes ship in <output>.tensors.gguf); ggml: ggml's imatrix quantization alone")
     p.add_argument("--smooth", default="off", type=smooth_mode,
                    help="SmoothQuant-style exact rescaling before quantization: off, auto (strength searched per "
                         "block, kept only where it lowers the output error) or a fixed strength in (0, 1)")
@@ -235,7 +239,8 @@ def print_summary(rows: list[dict], final_types: dict[str, str]) -> None:
           + (f" {'decode tok/s (pred.)':>21}" if timed else ""))
     for r in rows:
         measured = "-" if r["kld_measured"] is None else f"{r['kld_measured']:.5f}"
-        print(f"{r['name']:<22} {r['size_bytes']:>14,} {r['bpw']:>7.3f} {r['kld_predicted']:>10.5f} "
+        predicted = "-" if r["kld_predicted"] is None else f"{r['kld_predicted']:.5f}"
+        print(f"{r['name']:<22} {r['size_bytes']:>14,} {r['bpw']:>7.3f} {predicted:>10} "
               f"{measured:>13}" + (f" {r['decode_tok_s_predicted']:>21.1f}" if timed else ""))
     counts: dict[str, int] = {}
     for t in final_types.values():
@@ -288,6 +293,7 @@ def main(argv=None) -> None:
         seconds["statistics"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        fingerprints = {name: source_fingerprint(model.get_parameter(name)) for name in menus}   # as exported
         smooth, smooth_records = smoothing.search_smoothing(model, stats, menus, args.smooth)
         smoothing.apply_to_model(model, smooth)
         smoothing.apply_to_statistics(stats, smooth)
@@ -296,7 +302,8 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         analyzer = go.LayerSensitivityAnalyzer(model, stats, holdout_ids, cache_dir=Path(args.cache_dir) /
                                                "sensitivity", device=args.device, **menu_args,
-                                               max_memory=max_memory, eval_tokens=measure_ids.numel())
+                                               max_memory=max_memory, eval_tokens=measure_ids.numel(),
+                                               quantizer=args.quantizer)
         print(f"placement: {calib_stats.describe_device_map(analyzer.device_map)}")
         table = analyzer.run()
         table.save(out.with_suffix(".sensitivity"))
@@ -333,10 +340,15 @@ def main(argv=None) -> None:
         rows = []
         if best_preset:
             p = presets[best_preset]
-            rows.append({"name": f"preset {best_preset}", "size_bytes": p["size_bytes"],
-                         "bpw": bits_per_weight(info, p["size_bytes"]),
-                         "kld_predicted": problem.predicted_damage(problem.genome_of(p["types"])),
-                         "kld_measured": evaluator.kld_mean(p["types"]), "decode_tok_s_predicted": tok_s(p["types"])})
+            preset_row = {"size_bytes": p["size_bytes"], "bpw": bits_per_weight(info, p["size_bytes"]),
+                          "kld_predicted": problem.predicted_damage(problem.genome_of(p["types"])),
+                          "decode_tok_s_predicted": tok_s(p["types"])}
+            if args.quantizer != "ggml":     # llama.cpp's own recipe as llama-quantize makes it, then with ours
+                rows.append({"name": f"preset {best_preset} ggml", **preset_row, "kld_predicted": None,
+                             "kld_measured": evaluator.kld_mean(p["types"], plain=True)})
+                analyzer.plain_quantized.clear()
+            rows.append({"name": f"preset {best_preset} {args.quantizer}", **preset_row,
+                         "kld_measured": evaluator.kld_mean(p["types"])})
         for name, genome, kld in (("greedy", greedy, evaluator.kld_mean(problem.types_of(greedy))),
                                   ("genetic algorithm", result.genome, result.measured_kld)):
             size = problem.file_size_bytes(genome)
@@ -368,6 +380,17 @@ def main(argv=None) -> None:
         }
         imatrix = {spec.name: vec for spec in analyzer.tensors
                    if (vec := analyzer.imatrix_of(spec)) is not None}
+        shipped = {spec.name: (final_types[spec.name], analyzer.quantized.get((spec.name, final_types[spec.name]))
+                               or analyzer.encode(spec, final_types[spec.name]))
+                   for spec in analyzer.tensors if analyzer.feedback_of(spec, final_types[spec.name]) is not None}
+        tensors_path = out.with_suffix(".tensors.gguf")
+        if shipped:
+            write_quantized_tensors(tensors_path, info, shipped)
+            record["quantized_tensors"] = {"path": tensors_path.name,
+                                           "fingerprints": {name: fingerprints[name] for name in shipped}}
+        elif tensors_path.exists():
+            tensors_path.unlink()                   # a previous run's, which this config does not use
+        record["quantizer"] = args.quantizer
         save_config(out, info, final_types, imatrix=imatrix, imatrix_path=str(imatrix_path), extra=record)
         write_json({**record, "smoothing": smoothing_summary(smooth, smooth_records), "tensor_types": final_types,
                     "imatrix_path": str(imatrix_path)}, out.with_suffix(".json"))
@@ -377,7 +400,8 @@ def main(argv=None) -> None:
 
     print_summary(rows, final_types)
     print(f"budget {budget:,} bytes ({budget_source}); config {out} (+ .json, .convergence.png, "
-          f".sensitivity.*, {imatrix_path.name})")
+          f".sensitivity.*, {imatrix_path.name}" + (f", {tensors_path.name}: {len(shipped)} GPTQ tensors)"
+                                                     if shipped else ")"))
     if args.smooth != "off":
         gains = smoothing.type_gains(smooth_records)
         print(f"smoothing ({args.smooth}): {len(smooth.alpha)} of {len(smoothing.smooth_groups(model))} input "

@@ -1,8 +1,8 @@
 """Simulated quantization: the original model with a config's fake quantization, checked against the exported GGUF.
 
 Every tensor the config assigns a type is replaced, in the transformers model (after the config's smoothing, if
-any), by its round trip through ggml's own quantizer with the plan export_gguf_official.py writes (same types
-and fallbacks, same imatrix):
+any), by what the GGUF holds in the plan export_gguf_official.py writes (same types and fallbacks, same imatrix;
+for tensors the search quantized with GPTQ, the very bytes it shipped), decoded by ggml:
 the values the GGUF holds, computed in float32 by PyTorch. The script measures that simulated model on the
 evaluation windows (perplexity, KLD against the original, top-1 agreement, the same conventions and cached
 reference as compare_real_quant.py) and answers the prompts greedily. With --gguf_path it measures the exported
@@ -60,9 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fake_quantized_weights(plan, model) -> dict:
-    """{hf_name: float32 tensor} of every quantized 2-D weight as the GGUF stores it: quantized and decoded by
-    ggml with the plan's stored type and imatrix. Rows are quantized independently, so HF's row order (before
-    the exporter's q/k permutation for Llama) gives the same values."""
+    """{hf_name: float32 tensor} of every quantized 2-D weight as the GGUF stores it: the config's shipped
+    bytes (GPTQ), else quantized by ggml with the plan's stored type and imatrix, decoded by ggml. Rows are
+    quantized independently, so HF's row order (before the exporter's q/k permutation for Llama) gives the
+    same values."""
     import torch
     imatrix = plan.imatrix or {}
     out = {}
@@ -70,7 +71,7 @@ def fake_quantized_weights(plan, model) -> dict:
         if get_type(qtype).name == "F32":
             continue
         weight = model.get_parameter(name).detach().float().cpu()
-        raw = encode_tensor(weight.numpy(), qtype, imatrix.get(name))
+        raw = plan.shipped[name] if name in plan.shipped else encode_tensor(weight.numpy(), qtype, imatrix.get(name))
         out[name] = torch.from_numpy(dequantize(raw, qtype, tuple(weight.shape)))
     return out
 

@@ -114,3 +114,71 @@ def test_smooth_strength_must_be_off_auto_or_in_the_unit_interval(searched, caps
     with pytest.raises(SystemExit) as exc:
         run_search(model_dir, base / "x.pt", base / "cache", "--smooth", "1.5")
     assert exc.value.code == 2 and "--smooth takes off, auto or a number in (0, 1)" in capsys.readouterr().err
+
+
+def shipped_in_gguf_order(info, name: str, rows: np.ndarray) -> np.ndarray:
+    """The tensor file's byte rows (HF order) in the order the exporter writes them (Llama's q/k permutation)."""
+    if info.spec.permute_qk and name.endswith("q_proj.weight"):
+        return exporter._permute_rows(rows, info.n_heads)
+    if info.spec.permute_qk and name.endswith("k_proj.weight"):
+        return exporter._permute_rows(rows, info.n_kv_heads)
+    return rows
+
+
+def test_gptq_tensors_ship_as_searched_and_the_simulation_reads_them(searched, tmp_path):
+    """The default quantizer is GPTQ: every decoder linear (each has a Gram) ships from the tensor file; the
+    exported GGUF holds exactly those bytes, and test_mixed_precision's simulation decodes the same bytes."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    import test_mixed_precision as simulate
+    model_dir, base, _, cfg = searched
+    info = gguf_plan.load_model_info(model_dir)
+    assert cfg["quantizer"] == "gptq"
+    shipped = cfg["quantized_tensors"]["fingerprints"]
+    assert set(shipped) == {n for n in gguf_plan.quantizable_tensors(info) if ".layers." in n}
+    exporter.main(["--model_id", str(model_dir), "--config", str(base / "a.pt"), "--output", str(tmp_path / "m.gguf")])
+    tensor_file = {t.name: t for t in gguf.GGUFReader(base / "a.tensors.gguf").tensors}
+    written = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    for name in shipped:
+        g = gguf_plan.gguf_name(info, name)
+        assert written[g].tensor_type == tensor_file[g].tensor_type
+        assert np.array_equal(np.asarray(written[g].data),
+                              shipped_in_gguf_order(info, name, np.asarray(tensor_file[g].data)))
+    plan = exporter.plan_from_config(info, exporter.load_config(base / "a.pt", info))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    simulated = simulate.fake_quantized_weights(plan, model)
+    for name in [n for n in shipped if n.endswith(("k_proj.weight", "down_proj.weight"))]:
+        t = tensor_file[gguf_plan.gguf_name(info, name)]
+        assert np.array_equal(simulated[name].numpy(), gguf.quants.dequantize(np.asarray(t.data), t.tensor_type))
+
+
+def test_gptq_tensors_from_another_checkpoint_or_missing_are_refused(searched, tmp_path, capsys):
+    """Same architecture and shapes, other values: the tensor file's fingerprints catch it; no file is written.
+    A config whose tensor file went missing names it."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    model_dir, base, _, cfg = searched
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    weights = load_file(other / "model.safetensors")
+    name = next(iter(cfg["quantized_tensors"]["fingerprints"]))
+    weights[name] = weights[name] * 1.01
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SystemExit):
+        exporter.main(["--model_id", str(other), "--config", str(base / "a.pt"), "--output", str(tmp_path / "x.gguf")])
+    assert "was made from another checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
+    shutil.copy(base / "a.pt", tmp_path / "alone.pt")
+    with pytest.raises(SystemExit):
+        exporter.main(["--model_id", str(model_dir), "--config", str(tmp_path / "alone.pt"), "--output",
+                       str(tmp_path / "y.gguf")])
+    assert "a.tensors.gguf, which is missing" in capsys.readouterr().err
+
+
+def test_quantizer_ggml_ships_no_tensor_file(searched):
+    model_dir, base, budget, _ = searched
+    (base / "plain.tensors.gguf").write_bytes(b"stale")
+    cfg = run_search(model_dir, base / "plain.pt", base / "cache", "--target_size", str(budget), "--quantizer", "ggml")
+    assert cfg["quantizer"] == "ggml" and "quantized_tensors" not in cfg
+    assert not (base / "plain.tensors.gguf").exists()
+    assert [row["name"] for row in cfg["comparison"]][0] == "preset Q4_K_M ggml"

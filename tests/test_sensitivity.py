@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO))
 
 import calib_stats  # noqa: E402
 import genetic_optim  # noqa: E402
-from quant_utils import fake_quantize  # noqa: E402
+from quant_utils import dequantize, fake_quantize  # noqa: E402
 
 WIKI = REPO.parent / "shared" / "data" / "wikitext-2"
 TOKENIZER_DIR = REPO / "models" / "smollm2-135m-instruct"
@@ -376,6 +376,6 @@ def test_row_sample_errors_are_the_whole_tensors_rows(tied_setup, monkeypatch):
     sampled, none = analyzer.measure_errors(spec, "Q4_0", whole=False)
     whole_entry, whole = analyzer.measure_errors(spec, "Q4_0", whole=True)
     assert none is None and sampled["error_rows"] == rows.numel() == whole_entry["error_rows"]
-    assert torch.equal(fake_quantize(model.get_parameter(spec.name).detach()[rows], "Q4_0",
-                                     analyzer.imatrix_of(spec)), whole[rows])
+    sample_bytes = analyzer.encode(spec, "Q4_0", rows)     # GPTQ's feedback too: rows are independent
+    assert torch.equal(torch.from_numpy(dequantize(sample_bytes, "Q4_0", (rows.numel(), spec.shape[1]))), whole[rows])
     assert sampled["rel_out_err"] == whole_entry["rel_out_err"]
