@@ -22,7 +22,9 @@ Every block column is quantized by `ggml_quantize_chunk` as a matrix of rows x b
 returns are ggml's own for those values; they are what the GGUF ships (the exporter copies them, it does not
 quantize again). On SmolLM2-135M (wikitext-2 calibration, 16k Gram tokens) GPTQ cuts the layer output error
 to 0.18-0.57x of plain imatrix-weighted ggml and one refinement sweep another 4-9% of what is left; the
-held-out KLD of llama.cpp's Q5_K_M recipe goes from 0.0204 to 0.0145 (GPTQ alone).
+held-out KLD of llama.cpp's Q5_K_M recipe goes from 0.0204 to 0.0145 (GPTQ alone). With 64k Gram tokens (128
+windows, the default) and smoothing, the same recipe goes from 0.0175 to 0.0112; the mix searched at its size
+measures 0.0088, against 0.0097 with 16k Gram tokens and no sweep.
 """
 from __future__ import annotations
 

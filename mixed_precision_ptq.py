@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kld_seq_len", type=int, default=128, help="tokens per held-out window (sensitivity)")
     p.add_argument("--measure_samples", type=int, default=8,
                    help="held-out windows of --seq_len tokens for the GA's measured KLD")
-    p.add_argument("--gram_samples", type=int, default=32, help="calibration windows summed into the Grams")
+    p.add_argument("--gram_samples", type=int, default=128,
+                   help="calibration windows summed into the Grams (GPTQ's Hessian, the output errors)")
     p.add_argument("--gram_max_dim", type=int, default=8192,
                    help="no Gram for inputs wider than this (their output error goes through the imatrix)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward call")

@@ -30,7 +30,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     calib_stats.add_data_args(parser)
-    parser.add_argument("--gram_samples", type=int, default=32, help="calibration windows summed into Grams")
+    parser.add_argument("--gram_samples", type=int, default=128, help="calibration windows summed into Grams")
     parser.add_argument("--kld_samples", type=int, default=4, help="held-out windows for the KLD")
     parser.add_argument("--kld_seq_len", type=int, default=128, help="tokens per held-out window")
     parser.add_argument("--kld_types", default=",".join(genetic_optim.DEFAULT_KLD_TYPES),
