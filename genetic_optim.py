@@ -444,18 +444,23 @@ class LayerSensitivityAnalyzer:
     def wants_kld(self, qtype: str) -> bool:
         return self.kld_types == "all" or (self.kld_types != "none" and qtype in self.kld_types)
 
-    def quantized_weight(self, spec: TensorSpec, qtype: str, plain: bool = False) -> torch.Tensor:
-        """The tensor as llama.cpp will hold it in `qtype` (`encode`'s bytes; with `plain`, ggml's alone, as
-        llama-quantize makes them), float32: decoded on a CUDA device by torch_dequant (bit-identical to ggml's
-        decoder, and only the bytes cross the bus), elsewhere by ggml on the CPU. The bytes are kept (in
-        `quantized`, or `plain_quantized`) so no (tensor, type) is quantized twice."""
+    def quantized_bytes(self, spec: TensorSpec, qtype: str, plain: bool = False) -> bytes:
+        """The whole tensor's GGUF bytes in `qtype` (`encode`'s; with `plain`, ggml's alone, as llama-quantize
+        makes them), kept (in `quantized`, or `plain_quantized`) so no (tensor, type) is quantized twice."""
         store = self.plain_quantized if plain and self.quantizer != "ggml" else self.quantized
         key = (spec.name, qtype)
         if key not in store:
             store[key] = self.encode(spec, qtype, feedback=store is self.quantized)
+        return store[key]
+
+    def quantized_weight(self, spec: TensorSpec, qtype: str, plain: bool = False) -> torch.Tensor:
+        """The tensor as llama.cpp will hold it in `qtype` (`quantized_bytes`), float32: decoded on a CUDA device
+        by torch_dequant (bit-identical to ggml's decoder, and only the bytes cross the bus), elsewhere by ggml
+        on the CPU."""
+        raw = self.quantized_bytes(spec, qtype, plain)
         if self.device.type == "cuda" and torch_dequant.supports(qtype):
-            return torch_dequant.dequantize(torch_dequant.bytes_on(store[key], self.device), qtype, spec.shape)
-        return torch.from_numpy(dequantize(store[key], qtype, spec.shape))
+            return torch_dequant.dequantize(torch_dequant.bytes_on(raw, self.device), qtype, spec.shape)
+        return torch.from_numpy(dequantize(raw, qtype, spec.shape))
 
     def feedback_of(self, spec: TensorSpec, qtype: str) -> gptq.Feedback | None:
         """GPTQ's factor for this tensor's input at this type's block size; None where the quantizer is plain

@@ -381,8 +381,7 @@ def main(argv=None) -> None:
         }
         imatrix = {spec.name: vec for spec in analyzer.tensors
                    if (vec := analyzer.imatrix_of(spec)) is not None}
-        shipped = {spec.name: (final_types[spec.name], analyzer.quantized.get((spec.name, final_types[spec.name]))
-                               or analyzer.encode(spec, final_types[spec.name]))
+        shipped = {spec.name: (final_types[spec.name], analyzer.quantized_bytes(spec, final_types[spec.name]))
                    for spec in analyzer.tensors if analyzer.feedback_of(spec, final_types[spec.name]) is not None}
         tensors_path = out.with_suffix(".tensors.gguf")
         if shipped:
