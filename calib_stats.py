@@ -509,14 +509,22 @@ class _Accumulator:
         if self.gram is None or (self.gram_tokens is not None and self.gram_count >= self.gram_tokens):
             self.sum2 += x2d.square().sum(0)     # a micro-batch's sum in float32, running sum in float64
             return
-        xp = x2d.to(self.product_dtype)
-        product = xp.T @ xp
+        product = gram_product(x2d.to(self.product_dtype))
         self.gram += product
         self.sum2 += product.diagonal()          # the squares come free with the Gram
         self.gram_count += x2d.shape[0]
 
     def gram_result(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.gram is None else self.gram.to(dtype).cpu()
+
+
+def gram_product(x: torch.Tensor) -> torch.Tensor:
+    """X^T X of a (tokens, channels) matrix. On the CPU through numpy, whose BLAS call for a product with its
+    own transpose (syrk) does half the work of a general product and runs 2-3x faster than torch's here."""
+    if x.device.type != "cpu":
+        return x.T @ x
+    xn = x.contiguous().numpy()
+    return torch.from_numpy(xn.T @ xn)
 
 
 def ids_fingerprint(ids: torch.Tensor) -> str:

@@ -31,8 +31,11 @@ GGML_TYPE_IDS = {
 ACTIVATION_TYPE_IDS = {"Q8_1": 9, "Q8_K": 15}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
-# Rows per worker task: large enough to amortise the call, small enough to balance threads.
-_MIN_ELEMENTS_PER_TASK = 1 << 16
+# Weights per worker task, at least: enough to amortise handing the task to a pool thread (tens of us). ggml's
+# quantizers spend about 0.1 us a weight (IQ4_NL several times that), so a GPTQ block column of a few
+# hundred rows x 32 is worth splitting; decoding is about 1 ns a weight, so only large tensors are.
+_MIN_QUANTIZE_ELEMENTS_PER_TASK = 1 << 12
+_MIN_DEQUANTIZE_ELEMENTS_PER_TASK = 1 << 18
 
 
 class _TypeTraits(ctypes.Structure):
@@ -264,9 +267,10 @@ def _as_imatrix(imatrix, n_per_row: int) -> np.ndarray | None:
     return imatrix
 
 
-def _row_chunks(n_rows: int, n_per_row: int, n_threads: int) -> list[tuple[int, int]]:
-    """(first_row, n_rows) tasks that split the rows evenly across threads."""
-    rows_per_task = max(1, _MIN_ELEMENTS_PER_TASK // n_per_row)
+def _row_chunks(n_rows: int, n_per_row: int, n_threads: int, min_elements: int) -> list[tuple[int, int]]:
+    """(first_row, n_rows) tasks that split the rows evenly across threads, `min_elements` weights or more
+    each."""
+    rows_per_task = max(1, min_elements // n_per_row)
     rows_per_task = max(rows_per_task, -(-n_rows // (4 * n_threads)))
     return [(r, min(rows_per_task, n_rows - r)) for r in range(0, n_rows, rows_per_task)]
 
@@ -302,7 +306,8 @@ def quantize(weight, qtype: str | QuantType, imatrix=None, n_threads: int | None
         if written != rows * row_bytes:
             raise RuntimeError(f"ggml wrote {written} bytes for {rows} rows of {t.name}")
 
-    _run_tasks(run, _row_chunks(n_rows, n_per_row, n_threads or default_threads()), n_threads)
+    _run_tasks(run, _row_chunks(n_rows, n_per_row, n_threads or default_threads(),
+                                _MIN_QUANTIZE_ELEMENTS_PER_TASK), n_threads)
     return out.tobytes()
 
 
@@ -330,7 +335,8 @@ def dequantize(raw: bytes | np.ndarray, qtype: str | QuantType, shape, n_threads
         to_float(buf.ctypes.data + first_row * row_bytes, out.ctypes.data + first_row * n_per_row * 4,
                  rows * n_per_row)
 
-    _run_tasks(run, _row_chunks(n_rows, n_per_row, n_threads or default_threads()), n_threads)
+    _run_tasks(run, _row_chunks(n_rows, n_per_row, n_threads or default_threads(),
+                                _MIN_DEQUANTIZE_ELEMENTS_PER_TASK), n_threads)
     return out.reshape(shape)
 
 
@@ -349,6 +355,13 @@ def fake_quantize(weight, qtype: str | QuantType, imatrix=None, n_threads: int |
     return values
 
 
+@functools.cache
+def _thread_pool(n_threads: int) -> ThreadPoolExecutor:
+    """One long-lived pool per thread count: starting threads for every call cost more than the work of the
+    small calls GPTQ makes (one per block column)."""
+    return ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="ggml")
+
+
 def _run_tasks(fn, tasks, n_threads: int | None) -> None:
     """Run `fn` over tasks on a thread pool (inline for a single task or thread)."""
     n_threads = n_threads or default_threads()
@@ -356,6 +369,5 @@ def _run_tasks(fn, tasks, n_threads: int | None) -> None:
         for task in tasks:
             fn(task)
         return
-    with ThreadPoolExecutor(max_workers=n_threads) as pool:
-        for _ in pool.map(fn, tasks):
-            pass
+    for _ in _thread_pool(n_threads).map(fn, tasks):
+        pass

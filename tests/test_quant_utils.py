@@ -49,8 +49,11 @@ def test_relative_error_falls_strictly_with_bits():
 
 
 def test_quantization_independent_of_thread_split():
-    w = gaussian(300, 768)
-    assert qu.quantize(w, "Q4_K", n_threads=1) == qu.quantize(w, "Q4_K", n_threads=7)
+    w = gaussian(700, 768)        # enough weights for decoding to split across threads too
+    raw = qu.quantize(w, "Q4_K", n_threads=1)
+    assert raw == qu.quantize(w, "Q4_K", n_threads=7) == qu.quantize(w, "Q4_K", n_threads=2)
+    np.testing.assert_array_equal(qu.dequantize(raw, "Q4_K", w.shape, n_threads=1),
+                                  qu.dequantize(raw, "Q4_K", w.shape, n_threads=7))
 
 
 def test_float_types_round_trip():

@@ -275,36 +275,45 @@ def test_error_inversions_flag_a_tensor_for_full_kld_measurement():
 
 def test_activation_rounding_terms_are_measured_per_format_and_cached(tied_setup, tmp_path):
     """Each tensor's input rounding costs its own KLD per activation format of its menu (Q8_K and Q8_0 for a
-    K-quant row, Q8_0 alone for a 32-block row; the tied embedding's is the head's matmul), added to every
-    type of that format; a rerun reads them from the cache."""
+    K-quant row; the tied embedding's is the head's matmul), added to every type of that format; a rerun
+    reads them from the cache. A menu whose types all round the input alike (Q8_0 alone, 32-block rows)
+    measures nothing: that term is the same for every choice."""
     import activation_rounding
     import quant_utils
     model, stats, holdout = tied_setup
 
-    def analyzer():
+    def analyzer(block32_menu=genetic_optim.BLOCK32_MENU):
         return genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, cache_dir=tmp_path, device="cpu",
-                                                      progress=False)
+                                                      block32_menu=block32_menu, progress=False)
     table = analyzer().run()
-    specs = {s.name: s for s in analyzer().tensors}
+    an = analyzer()
+    specs = {s.name: s for s in an.tensors}
     down = next(s for s in specs.values() if s.kind == "down_proj")
     q_proj = next(s for s in specs.values() if s.kind == "q_proj")
     embd = next(s for s in specs.values() if s.is_embedding)
-    an = analyzer()
     assert an.activation_formats(down) == ["Q8_0", "Q8_K"]
-    assert an.activation_formats(q_proj) == ["Q8_0"] == an.activation_formats(embd)
+    assert an.activation_formats(q_proj) == [] == an.activation_formats(embd)
     by_key = table.lookup()
-    for spec in (down, q_proj, embd):
-        for t in spec.types:
-            fmt = activation_rounding.value_format(quant_utils.activation_type(t))
-            act = by_key[(spec.name, t)]["act_kld"]
-            assert act > 0 and act == an.cache.get(spec.name, f"act_{fmt}")["kld_mean"]
-            assert genetic_optim.entry_damage(by_key[(spec.name, t)]) == by_key[(spec.name, t)]["kld_pred"] + act
-    held_out = an.held_out                           # reference logits first, from the unrounded model
-    with activation_rounding.rounded_inputs(model, {embd.name: "Q8_0"}):
-        direct = held_out.kld_mean(None)             # whole forward, only the head's input rounded
-    assert abs(by_key[(embd.name, "Q8_0")]["act_kld"] - direct) / direct < 1e-4
+    for t in down.types:
+        fmt = activation_rounding.value_format(quant_utils.activation_type(t))
+        act = by_key[(down.name, t)]["act_kld"]
+        assert act > 0 and act == an.cache.get(down.name, f"act_{fmt}")["kld_mean"]
+        assert genetic_optim.entry_damage(by_key[(down.name, t)]) == by_key[(down.name, t)]["kld_pred"] + act
+    for spec in (q_proj, embd):
+        assert all(by_key[(spec.name, t)]["act_kld"] == 0.0 for t in spec.types)
+        assert an.cache.get(spec.name, "act_Q8_0") is None
     rerun = analyzer()
     assert rerun.run().entries == table.entries and rerun.n_computed == 0
+
+    # With F16 on the 32-block menu the input is rounded (Q8_0) or not (F16): the Q8_0 term is measured.
+    wide = analyzer(("F16",) + genetic_optim.BLOCK32_MENU)
+    embd_f16 = next(s for s in wide.tensors if s.is_embedding)
+    assert wide.activation_formats(embd_f16) == ["Q8_0"]
+    act = wide.activation_klds([embd_f16])[(embd.name, "Q8_0")]
+    held_out = wide.held_out                         # reference logits first, from the unrounded model
+    with activation_rounding.rounded_inputs(model, {embd.name: "Q8_0"}):
+        direct = held_out.kld_mean(None)             # whole forward, only the head's input rounded
+    assert direct > 0 and abs(act - direct) / direct < 1e-4
 
 
 def test_assignment_kld_includes_llama_cpp_activation_rounding(tied_setup):
