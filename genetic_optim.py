@@ -56,7 +56,8 @@ BLOCK32_MENU = ("Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 # 6 types measured on the same 512 tokens) 51 of 55 predictions fell within 0.8-1.25x of the measurement,
 # median 1.02x; worst 1.8x (Q4_1/Q5_1 on an attn_v, whose asymmetric grid errs in less harmful directions).
 DEFAULT_KLD_TYPES = ("Q4_K", "Q4_0")
-SENSITIVITY_FORMAT_VERSION = 3   # 2: tied embeddings quantized with the head's imatrix; 3: row samples
+SENSITIVITY_FORMAT_VERSION = 4   # 2: tied embeddings quantized with the head's imatrix; 3: row samples;
+                                 # 4: GPTQ before its refinement sweep (`draft_bytes`)
 QUANTIZERS = ("gptq", "ggml")     # gptq: ggml's quantizer with GPTQ error feedback (gptq.py); ggml: ggml alone
 # The output error of a type whose KLD is not measured needs only some rows quantized (ggml quantizes rows
 # independently, so a row of the sample is bit for bit that row of the whole tensor): tensors over
@@ -422,7 +423,8 @@ class LayerSensitivityAnalyzer:
         self.n_computed = 0          # (tensor, type) pairs quantized and measured by this instance
         self._held_out: HeldOutCache | None = None
         self._energy: dict[str, float] = {}      # tr(W H W^T) per tensor
-        self.quantized: dict[tuple[str, str], bytes] = {}   # (tensor, type) -> GGUF bytes, whole tensors only
+        self.drafts: dict[tuple[str, str], bytes] = {}      # (tensor, type) -> the table's bytes, whole tensors
+        self.quantized: dict[tuple[str, str], bytes] = {}   # (tensor, type) -> refined GPTQ bytes (shipped)
         self.plain_quantized: dict[tuple[str, str], bytes] = {}   # the same by ggml alone (see quantized_weight)
         self._feedback: dict[tuple[str, int], gptq.Feedback] = {}   # (Gram key, block size), current block's
 
@@ -433,7 +435,7 @@ class LayerSensitivityAnalyzer:
                  calib_stats.model_fingerprint(self.model), meta.get("calib_fingerprint", "unknown"),
                  str(max(self.stats.gram_tokens.values(), default=0)), calib_stats.ids_fingerprint(self.holdout_ids)]
         if self.quantizer != "ggml":
-            parts.append(f"{self.quantizer}-damp{gptq.DAMP}-sweeps{gptq.REFINE_SWEEPS}")
+            parts.append(f"{self.quantizer}-damp{gptq.DAMP}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     @property
@@ -445,28 +447,53 @@ class LayerSensitivityAnalyzer:
     def wants_kld(self, qtype: str) -> bool:
         return self.kld_types == "all" or (self.kld_types != "none" and qtype in self.kld_types)
 
-    def quantized_bytes(self, spec: TensorSpec, qtype: str, plain: bool = False) -> bytes:
-        """The whole tensor's GGUF bytes in `qtype` (`encode`'s; with `plain`, ggml's alone, as llama-quantize
-        makes them), kept (in `quantized`, or `plain_quantized`) so no (tensor, type) is quantized twice."""
-        store = self.plain_quantized if plain and self.quantizer != "ggml" else self.quantized
+    def draft_bytes(self, spec: TensorSpec, qtype: str) -> bytes:
+        """The whole tensor's bytes in `qtype` as the sensitivity table measures them: `encode` without GPTQ's
+        refinement sweep, which lowers every type's error by a few percent and costs as much as GPTQ itself, so
+        it is left to the pairs a search measures or ships (`quantized_bytes`). Kept in `drafts`."""
         key = (spec.name, qtype)
-        if key not in store:
-            store[key] = self.encode(spec, qtype, feedback=store is self.quantized)
-        return store[key]
+        if key not in self.drafts:
+            self.drafts[key] = self.encode(spec, qtype, sweeps=0)
+        return self.drafts[key]
 
-    def quantized_weight(self, spec: TensorSpec, qtype: str, plain: bool = False) -> torch.Tensor:
-        """The tensor as llama.cpp will hold it in `qtype` (`quantized_bytes`), float32: decoded on a CUDA device
-        by torch_dequant (bit-identical to ggml's decoder, and only the bytes cross the bus), elsewhere by ggml
-        on the CPU."""
-        raw = self.quantized_bytes(spec, qtype, plain)
+    def quantized_bytes(self, spec: TensorSpec, qtype: str, plain: bool = False) -> bytes:
+        """The whole tensor's GGUF bytes in `qtype` as they ship: the draft after GPTQ's refinement sweep (the
+        draft itself where GPTQ does not apply; with `plain`, ggml's alone, as llama-quantize makes them), kept
+        (in `quantized`, or `plain_quantized`) so no (tensor, type) is quantized twice."""
+        if plain and self.quantizer != "ggml":
+            key = (spec.name, qtype)
+            if key not in self.plain_quantized:
+                self.plain_quantized[key] = self.encode(spec, qtype, feedback=False)
+            return self.plain_quantized[key]
+        key = (spec.name, qtype)
+        if key not in self.quantized:
+            feedback = self.feedback_of(spec, qtype)
+            if feedback is None or gptq.REFINE_SWEEPS == 0:
+                return self.draft_bytes(spec, qtype)
+            weight = self.model.get_parameter(spec.name).detach()
+            self.quantized[key] = gptq.refine(weight, self.draft_bytes(spec, qtype), qtype, feedback)
+        return self.quantized[key]
+
+    def _decoded(self, raw: bytes, spec: TensorSpec, qtype: str) -> torch.Tensor:
+        """float32 values of a whole tensor's bytes: decoded on a CUDA device by torch_dequant (bit-identical to
+        ggml's decoder, and only the bytes cross the bus), elsewhere by ggml on the CPU."""
         if self.device.type == "cuda" and torch_dequant.supports(qtype):
             return torch_dequant.dequantize(torch_dequant.bytes_on(raw, self.device), qtype, spec.shape)
         return torch.from_numpy(dequantize(raw, qtype, spec.shape))
 
+    def quantized_weight(self, spec: TensorSpec, qtype: str, plain: bool = False) -> torch.Tensor:
+        """The tensor as llama.cpp will hold it in `qtype` (`quantized_bytes`), float32."""
+        return self._decoded(self.quantized_bytes(spec, qtype, plain), spec, qtype)
+
+    def draft_weight(self, spec: TensorSpec, qtype: str) -> torch.Tensor:
+        """The tensor as the sensitivity table measures it (`draft_bytes`), float32."""
+        return self._decoded(self.draft_bytes(spec, qtype), spec, qtype)
+
     def feedback_of(self, spec: TensorSpec, qtype: str) -> gptq.Feedback | None:
         """GPTQ's factor for this tensor's input at this type's block size; None where the quantizer is plain
         ggml, for float types, and for tensors without a Gram (lookups, inputs wider than --gram_max_dim).
-        Factors are kept for one Gram at a time per block size (q/k/v and gate/up share theirs)."""
+        Factors are kept for one Gram at a time per block size (q/k/v and gate/up share theirs); their Cholesky
+        factor is computed only when GPTQ runs (`refine` needs the Gram alone)."""
         t = get_type(qtype)
         if self.quantizer == "ggml" or t.is_float or spec.is_embedding or spec.name not in self.stats.gram_key:
             return None
@@ -477,18 +504,18 @@ class LayerSensitivityAnalyzer:
                                                        t.block_size)
         return self._feedback[key]
 
-    def encode(self, spec: TensorSpec, qtype: str, rows: torch.Tensor | None = None, feedback: bool = True
-               ) -> bytes:
+    def encode(self, spec: TensorSpec, qtype: str, rows: torch.Tensor | None = None, feedback: bool = True,
+               sweeps: int = gptq.REFINE_SWEEPS) -> bytes:
         """The GGUF bytes of this tensor (or of its `rows`) in `qtype`: ggml's quantizer with the imatrix, and
-        GPTQ's error feedback where `feedback_of` gives a factor, unless `feedback` is off (rows are
-        independent either way)."""
+        GPTQ's error feedback with `sweeps` refinement sweeps where `feedback_of` gives a factor, unless
+        `feedback` is off (rows are independent either way)."""
         weight = self.model.get_parameter(spec.name).detach()
         if rows is not None:
             weight = weight[rows.to(weight.device)]
         feedback = self.feedback_of(spec, qtype) if feedback else None
         if feedback is None:
             return quantize(weight.cpu(), qtype, self.imatrix_of(spec))
-        return gptq.quantize(weight, qtype, feedback)
+        return gptq.quantize(weight, qtype, feedback, sweeps=sweeps)
 
     def error_rows(self, spec: TensorSpec) -> torch.Tensor | None:
         """The rows the output error is measured on (None: all; see SAMPLE_ABOVE_WEIGHTS)."""
@@ -607,12 +634,12 @@ class LayerSensitivityAnalyzer:
         t0 = time.perf_counter()
         rows = self.error_rows(spec)
         if whole or rows is None:
-            new_weight = self.quantized_weight(spec, qtype)
+            new_weight = self.draft_weight(spec, qtype)
             new_rows = new_weight if rows is None else new_weight[rows.to(new_weight.device)]
         else:
             new_weight = None
             shape = (int(rows.numel()), spec.shape[1])
-            new_rows = torch.from_numpy(dequantize(self.encode(spec, qtype, rows), qtype, shape))
+            new_rows = torch.from_numpy(dequantize(self.encode(spec, qtype, rows, sweeps=0), qtype, shape))
         entry = {"tensor": spec.name, "type": qtype, "kind": spec.kind, "block": spec.block,
                  "bits_per_weight": get_type(qtype).bits_per_weight,
                  "size_bytes": get_type(qtype).tensor_size_bytes(spec.shape),
@@ -640,7 +667,7 @@ class LayerSensitivityAnalyzer:
                 if e["kld_mean"] is None and (self.wants_kld(key[1]) or key[0] in irregular)]
         for key in need:
             if key not in weights:
-                weights[key] = self.quantized_weight(specs[key[0]], key[1])
+                weights[key] = self.draft_weight(specs[key[0]], key[1])
         if need:
             t0 = time.perf_counter()
             block = pairs[0][0].block
@@ -876,7 +903,7 @@ def additivity_report(analyzer: LayerSensitivityAnalyzer, table: SensitivityTabl
                                                                   analyzer.device, analyzer.kld_batch_size)
     predicted, measured, sizes = [], [], []
     for assignment in tqdm(assignments, desc="additivity", unit="assignment", disable=not analyzer.progress):
-        weights = {name: analyzer.quantized_weight(specs[name], qtype) for name, qtype in assignment.items()}
+        weights = {name: analyzer.draft_weight(specs[name], qtype) for name, qtype in assignment.items()}
         with replaced_weights(analyzer.model, weights):
             measured.append(held_out.kld_mean(None))
         predicted.append(sum(table_of[(n, t)][field] for n, t in assignment.items()))

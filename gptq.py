@@ -17,6 +17,8 @@ GPTQ never revisits a block once its error has moved on. A refinement sweep then
 descent): with every other block as quantized, the best block is the least-squares target
 `W_S - (D_rest H_rest,S) H_SS^-1` (D = Q - W); ggml quantizes that target, weighted by H_SS's diagonal, and each
 row keeps the new block only where it lowers that row's exact output error, so a sweep never makes a row worse.
+A sweep costs about as much as GPTQ itself, so a search can rank every (tensor, type) by its GPTQ bytes and
+`refine` only the ones it measures or ships: the result is bit for bit `quantize` with the sweep.
 
 Every block column is quantized by `ggml_quantize_chunk` as a matrix of rows x block_size, so the bytes this
 returns are ggml's own for those values; they are what the GGUF ships (the exporter copies them, it does not
@@ -28,6 +30,7 @@ measures 0.0088, against 0.0097 with 16k Gram tokens and no sweep.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,15 +47,36 @@ REFINE_SWEEPS = 1   # block coordinate descent sweeps after GPTQ (a second adds 
 @dataclass(frozen=True)
 class Feedback:
     """What GPTQ needs of one input for one block size: the processing order of the input columns (whole
-    blocks, most energetic first), the damped Gram in that order and the upper Cholesky factor of its inverse."""
+    blocks, most energetic first), the damped Gram in that order and (`upper`) the upper Cholesky factor of its
+    inverse. The factor and the per-block inverses are computed on first use: a refinement sweep needs only
+    the Gram, so refining a search's pairs block after block costs no factorisation."""
     order: torch.Tensor         # int64 [n]: input column processed at each position
     hessian: torch.Tensor       # float64 [n, n]: H[order][:, order] + damp
-    upper: torch.Tensor         # float64 [n, n]: U with hessian^-1 = U^T U
     block_size: int
+
+    @functools.cached_property
+    def upper(self) -> torch.Tensor:
+        """U with hessian^-1 = U^T U (float64 [n, n])."""
+        h = self.hessian
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     @property
     def n_columns(self) -> int:
         return int(self.order.numel())
+
+    @functools.cached_property
+    def block_inverses(self) -> list[torch.Tensor]:
+        """U_SS^-1 of each block position: shared by every type of this block size and every tensor that reads
+        the same input, so it is solved once per factor."""
+        b, eye = self.block_size, torch.eye(self.block_size, dtype=self.upper.dtype, device=self.upper.device)
+        return [torch.linalg.solve_triangular(self.upper[j:j + b, j:j + b], eye, upper=True)
+                for j in range(0, self.n_columns, b)]
+
+    @functools.cached_property
+    def hessian_block_inverses(self) -> list[torch.Tensor]:
+        """H_SS^-1 of each block position (the refinement sweep's least-squares target)."""
+        b = self.block_size
+        return [torch.linalg.inv(self.hessian[j:j + b, j:j + b]) for j in range(0, self.n_columns, b)]
 
 
 def compute_device(device: torch.device) -> torch.device:
@@ -74,9 +98,7 @@ def feedback_factor(gram: torch.Tensor, block_size: int, damp: float = DAMP) -> 
     block_energy = diag.reshape(-1, block_size).sum(1)
     block_order = torch.argsort(block_energy, descending=True, stable=True)
     order = (block_order[:, None] * block_size + torch.arange(block_size, device=device)[None]).reshape(-1)
-    h = h[order][:, order]
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    return Feedback(order, h, upper, block_size)
+    return Feedback(order, h[order][:, order], block_size)
 
 
 def _decode(raw: bytes, qtype: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -86,17 +108,27 @@ def _decode(raw: bytes, qtype: str, shape: tuple[int, int], device: torch.device
     return torch.from_numpy(quant_utils.dequantize(raw, qtype, shape)).to(device=device, dtype=torch.float64)
 
 
-def quantize(weight: torch.Tensor, qtype: str, feedback: Feedback, n_threads: int | None = None,
-             sweeps: int = REFINE_SWEEPS) -> bytes:
-    """The GGUF bytes of a 2-D weight (rows x row length) in `qtype` with GPTQ error feedback and `sweeps`
-    refinement sweeps; row layout as quant_utils.quantize returns it. Rows are independent: a subset of rows
-    gives those rows' bytes."""
+def _check(weight: torch.Tensor, qtype: str, feedback: Feedback):
     t = get_type(qtype)
     if t.is_float:
         raise ValueError(f"{t.name} is not quantized: GPTQ does not apply")
     if t.block_size != feedback.block_size or weight.shape[1] != feedback.n_columns:
         raise ValueError(f"a Feedback for {feedback.n_columns} columns in blocks of {feedback.block_size} does not "
                          f"fit {t.name} on rows of {weight.shape[1]}")
+    return t
+
+
+def _block_positions(feedback: Feedback) -> np.ndarray:
+    """The block (in row order) processed at each position."""
+    return (feedback.order[::feedback.block_size] // feedback.block_size).cpu().numpy()
+
+
+def quantize(weight: torch.Tensor, qtype: str, feedback: Feedback, n_threads: int | None = None,
+             sweeps: int = REFINE_SWEEPS) -> bytes:
+    """The GGUF bytes of a 2-D weight (rows x row length) in `qtype` with GPTQ error feedback and `sweeps`
+    refinement sweeps; row layout as quant_utils.quantize returns it. Rows are independent: a subset of rows
+    gives those rows' bytes."""
+    t = _check(weight, qtype, feedback)
     device, upper = feedback.upper.device, feedback.upper
     original = weight.detach().to(device=device, dtype=torch.float64)[:, feedback.order]
     w = original.clone()
@@ -105,10 +137,8 @@ def quantize(weight: torch.Tensor, qtype: str, feedback: Feedback, n_threads: in
     n_blocks = n // b
     by_position = np.empty((n_rows, n_blocks, t.block_bytes), dtype=np.uint8)
     quantized = torch.empty_like(w)
-    eye = torch.eye(b, dtype=torch.float64, device=device)
-    for j in range(n_blocks):
+    for j, u_inv in enumerate(feedback.block_inverses):
         cols = slice(j * b, (j + 1) * b)
-        u_inv = torch.linalg.solve_triangular(upper[cols, cols], eye, upper=True)
         raw = quant_utils.quantize(w[:, cols].float(), t, (u_inv ** 2).sum(1), n_threads)
         by_position[:, j] = np.frombuffer(raw, dtype=np.uint8).reshape(n_rows, t.block_bytes)
         quantized[:, cols] = _decode(raw, t.name, (n_rows, b), device)
@@ -116,25 +146,45 @@ def quantize(weight: torch.Tensor, qtype: str, feedback: Feedback, n_threads: in
             err = (w[:, cols] - quantized[:, cols]) @ u_inv
             w[:, cols.stop:] -= err @ upper[cols, cols.stop:]
     for _ in range(sweeps):
-        _refine(original, quantized, by_position, t.name, feedback.hessian, n_threads)
+        _refine(original, quantized, by_position, t.name, feedback, n_threads)
     out = np.empty_like(by_position)
-    out[:, (feedback.order[::b] // b).cpu().numpy()] = by_position
+    out[:, _block_positions(feedback)] = by_position
+    return out.tobytes()
+
+
+def refine(weight: torch.Tensor, raw: bytes, qtype: str, feedback: Feedback, n_threads: int | None = None,
+           sweeps: int = REFINE_SWEEPS) -> bytes:
+    """`sweeps` refinement sweeps of `raw`, this weight's `quantize(..., sweeps=0)` bytes, so that the sweeps can
+    wait until a search knows which (tensor, type) it keeps: `refine(w, quantize(w, q, f, sweeps=0), q, f, k)`
+    is `quantize(w, q, f, sweeps=k)`, bit for bit."""
+    t = _check(weight, qtype, feedback)
+    device = feedback.hessian.device
+    original = weight.detach().to(device=device, dtype=torch.float64)[:, feedback.order]
+    n_rows, n = original.shape
+    quantized = _decode(raw, t.name, (n_rows, n), device)[:, feedback.order].contiguous()
+    by_row = np.frombuffer(raw, dtype=np.uint8).reshape(n_rows, n // t.block_size, t.block_bytes)
+    by_position = by_row[:, _block_positions(feedback)].copy()
+    for _ in range(sweeps):
+        _refine(original, quantized, by_position, t.name, feedback, n_threads)
+    out = np.empty_like(by_position)
+    out[:, _block_positions(feedback)] = by_position
     return out.tobytes()
 
 
 def _refine(original: torch.Tensor, quantized: torch.Tensor, by_position: np.ndarray, qtype: str,
-            hessian: torch.Tensor, n_threads: int | None) -> None:
+            feedback: Feedback, n_threads: int | None) -> None:
     """One block coordinate descent sweep (module docstring), in place: `quantized` (decoded values) and
     `by_position` (their bytes) change together, row by row, only where a row's output error falls."""
     n_rows, n = quantized.shape
     b = n // by_position.shape[1]
+    hessian = feedback.hessian
     diff = quantized - original
     grad = diff @ hessian                      # D H: each block's coupling to all the others
-    for j in range(by_position.shape[1]):
+    for j, h_block_inv in enumerate(feedback.hessian_block_inverses):
         cols = slice(j * b, (j + 1) * b)
         h_block = hessian[cols, cols]
         rest = grad[:, cols] - diff[:, cols] @ h_block
-        target = original[:, cols] - torch.linalg.solve(h_block, rest.T).T
+        target = original[:, cols] - rest @ h_block_inv
         raw = quant_utils.quantize(target.float(), qtype, torch.diagonal(h_block), n_threads)
         candidate = _decode(raw, qtype, (n_rows, b), quantized.device)
         old, new = quantized[:, cols] - target, candidate - target
@@ -144,6 +194,6 @@ def _refine(original: torch.Tensor, quantized: torch.Tensor, by_position: np.nda
         step = torch.where(better[:, None], candidate - quantized[:, cols], torch.zeros_like(candidate))
         quantized[:, cols] += step
         diff[:, cols] += step
-        grad += step @ hessian[cols]
+        grad[:, cols.stop:] += step @ hessian[cols, cols.stop:]    # earlier blocks are not visited again
         rows = better.cpu().numpy()
         by_position[rows, j] = np.frombuffer(raw, dtype=np.uint8).reshape(n_rows, -1)[rows]

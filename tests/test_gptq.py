@@ -48,8 +48,7 @@ def test_without_coupling_each_block_column_is_ggmls_own_quantization(qtype):
     want = block_column_bytes(w, qtype)
     for block_order in (torch.arange(n_blocks), torch.arange(n_blocks).flip(0)):
         order = (block_order[:, None] * t.block_size + torch.arange(t.block_size)).reshape(-1)
-        eye = torch.eye(512, dtype=torch.float64)
-        feedback = gptq.Feedback(order, eye, eye, t.block_size)
+        feedback = gptq.Feedback(order, torch.eye(512, dtype=torch.float64), t.block_size)   # U = I
         assert gptq.quantize(w, qtype, feedback) == want
 
 
@@ -90,6 +89,20 @@ def test_a_refinement_sweep_never_worsens_a_row_and_lowers_the_total(qtype):
     before, after = row_errors(gptq.quantize(w, qtype, feedback, sweeps=0)), row_errors(gptq.quantize(w, qtype, feedback))
     assert (after <= before).all()
     assert after.sum() < 0.99 * before.sum()
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q4_K", "IQ4_NL"])
+def test_a_later_refinement_of_gptqs_bytes_is_the_refined_quantization(qtype):
+    """The search refines only the (tensor, type) pairs it measures: refining GPTQ's bytes afterwards must give
+    the very bytes of quantizing with the sweep, and the sweep must have changed some."""
+    n = 1536
+    w = weight(48, n)
+    feedback = gptq.feedback_factor(correlated_gram(n), qu.get_type(qtype).block_size)
+    draft = gptq.quantize(w, qtype, feedback, sweeps=0)
+    refined = gptq.refine(w, draft, qtype, feedback)
+    assert refined == gptq.quantize(w, qtype, feedback)
+    assert refined != draft
+    assert gptq.refine(w, draft, qtype, feedback, sweeps=0) == draft
 
 
 def test_rows_are_independent_and_the_result_is_deterministic():

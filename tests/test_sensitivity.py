@@ -241,6 +241,26 @@ def test_table_files_and_additivity_report(tied_setup, tmp_path):
     assert genetic_optim.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
 
 
+@pytest.mark.parametrize("name, qtype", [("model.layers.0.mlp.up_proj.weight", "Q5_0"),
+                                         ("model.layers.1.mlp.down_proj.weight", "Q4_0")])
+def test_table_measures_gptq_drafts_and_the_search_ships_them_refined(tied_setup, name, qtype):
+    """The table's output error is GPTQ's before its refinement sweep (the draft); what a search measures and
+    ships is the draft after the sweep, bit for bit gptq.quantize's, with a lower output error."""
+    import gptq
+    model, stats, holdout = tied_setup
+    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_types="none",
+                                                      progress=False)
+    spec = next(s for s in analyzer.tensors if s.name == name)
+    weight = model.get_parameter(name).detach()
+    feedback = analyzer.feedback_of(spec, qtype)
+    entry, _ = analyzer.measure_errors(spec, qtype)
+    assert analyzer.draft_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback, sweeps=0)
+    assert entry["rel_out_err"] == analyzer.output_error(spec, analyzer.draft_weight(spec, qtype))["rel_out_err"]
+    assert analyzer.quantized_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback)
+    shipped_err = analyzer.output_error(spec, analyzer.quantized_weight(spec, qtype))["rel_out_err"]
+    assert shipped_err < entry["rel_out_err"]
+
+
 def test_statistics_save_and_load_with_weights_only(tied_setup, tmp_path):
     _, stats, _ = tied_setup
     calib_stats.save_statistics(stats, tmp_path / "stats.pt")
@@ -385,6 +405,6 @@ def test_row_sample_errors_are_the_whole_tensors_rows(tied_setup, monkeypatch):
     sampled, none = analyzer.measure_errors(spec, "Q4_0", whole=False)
     whole_entry, whole = analyzer.measure_errors(spec, "Q4_0", whole=True)
     assert none is None and sampled["error_rows"] == rows.numel() == whole_entry["error_rows"]
-    sample_bytes = analyzer.encode(spec, "Q4_0", rows)     # GPTQ's feedback too: rows are independent
+    sample_bytes = analyzer.encode(spec, "Q4_0", rows, sweeps=0)   # the table's GPTQ draft: rows are independent
     assert torch.equal(torch.from_numpy(dequantize(sample_bytes, "Q4_0", (rows.numel(), spec.shape[1]))), whole[rows])
     assert sampled["rel_out_err"] == whole_entry["rel_out_err"]
