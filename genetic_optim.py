@@ -2,7 +2,8 @@
 
 Part 1, per-tensor sensitivity (LayerSensitivityAnalyzer): for every quantizable tensor and every GGUF type
 that fits its rows, quantize that tensor alone with ggml's own quantizer (weighted by the imatrix; by default
-with GPTQ's error feedback wherever the tensor's input has a Gram, gptq.py) and measure
+with GPTQ's error feedback wherever the tensor's input has a Gram, gptq.py, before its refinement sweep: the
+"draft", see `draft_bytes`) and measure
 - `rel_out_err`: the layer's output error through the input Gram matrix, tr(dW H dW^T) / tr(W H W^T);
 - `kld_mean`: the model-level damage, mean KL divergence of the next-token distribution from the original
   model's over held-out calibration tokens (full vocabulary, float32), recomputing only the blocks from the
@@ -449,17 +450,19 @@ class LayerSensitivityAnalyzer:
 
     def draft_bytes(self, spec: TensorSpec, qtype: str) -> bytes:
         """The whole tensor's bytes in `qtype` as the sensitivity table measures them: `encode` without GPTQ's
-        refinement sweep, which lowers every type's error by a few percent and costs as much as GPTQ itself, so
-        it is left to the pairs a search measures or ships (`quantized_bytes`). Kept in `drafts`."""
+        refinement sweep, which lowers every type's error by a few percent and costs more than GPTQ's own pass,
+        so it is left to the pairs a search measures or ships (`quantized_bytes`). Kept in `drafts` until
+        then."""
         key = (spec.name, qtype)
         if key not in self.drafts:
             self.drafts[key] = self.encode(spec, qtype, sweeps=0)
         return self.drafts[key]
 
     def quantized_bytes(self, spec: TensorSpec, qtype: str, plain: bool = False) -> bytes:
-        """The whole tensor's GGUF bytes in `qtype` as they ship: the draft after GPTQ's refinement sweep (the
-        draft itself where GPTQ does not apply; with `plain`, ggml's alone, as llama-quantize makes them), kept
-        (in `quantized`, or `plain_quantized`) so no (tensor, type) is quantized twice."""
+        """The whole tensor's GGUF bytes in `qtype` as they ship: the draft after GPTQ's refinement sweep, which
+        then replaces the draft in memory (without a draft at hand, GPTQ with the sweep in one go: the same
+        bytes); the draft itself where GPTQ does not apply (kept in `drafts`); with `plain`, ggml's alone, as
+        llama-quantize makes them (`plain_quantized`). No (tensor, type) is quantized twice."""
         if plain and self.quantizer != "ggml":
             key = (spec.name, qtype)
             if key not in self.plain_quantized:
@@ -470,8 +473,12 @@ class LayerSensitivityAnalyzer:
             feedback = self.feedback_of(spec, qtype)
             if feedback is None or gptq.REFINE_SWEEPS == 0:
                 return self.draft_bytes(spec, qtype)
-            weight = self.model.get_parameter(spec.name).detach()
-            self.quantized[key] = gptq.refine(weight, self.draft_bytes(spec, qtype), qtype, feedback)
+            draft = self.drafts.pop(key, None)
+            if draft is None:
+                self.quantized[key] = self.encode(spec, qtype, sweeps=gptq.REFINE_SWEEPS)
+            else:
+                weight = self.model.get_parameter(spec.name).detach()
+                self.quantized[key] = gptq.refine(weight, draft, qtype, feedback, sweeps=gptq.REFINE_SWEEPS)
         return self.quantized[key]
 
     def _decoded(self, raw: bytes, spec: TensorSpec, qtype: str) -> torch.Tensor:
@@ -505,10 +512,10 @@ class LayerSensitivityAnalyzer:
         return self._feedback[key]
 
     def encode(self, spec: TensorSpec, qtype: str, rows: torch.Tensor | None = None, feedback: bool = True,
-               sweeps: int = gptq.REFINE_SWEEPS) -> bytes:
+               sweeps: int = 0) -> bytes:
         """The GGUF bytes of this tensor (or of its `rows`) in `qtype`: ggml's quantizer with the imatrix, and
-        GPTQ's error feedback with `sweeps` refinement sweeps where `feedback_of` gives a factor, unless
-        `feedback` is off (rows are independent either way)."""
+        GPTQ's error feedback with `sweeps` refinement sweeps (0: the table's draft) where `feedback_of` gives
+        a factor, unless `feedback` is off (rows are independent either way)."""
         weight = self.model.get_parameter(spec.name).detach()
         if rows is not None:
             weight = weight[rows.to(weight.device)]
@@ -629,8 +636,8 @@ class LayerSensitivityAnalyzer:
 
     def measure_errors(self, spec: TensorSpec, qtype: str, whole: bool = True
                        ) -> tuple[dict, torch.Tensor | None]:
-        """Quantize one tensor to one type; its entry with the output errors (on `error_rows`), and the whole
-        quantized weight, or None when `whole` is False and a row sample sufficed."""
+        """Quantize one tensor to one type (the draft); its entry with the output errors (on `error_rows`), and
+        the whole draft weight, or None when `whole` is False and a row sample sufficed."""
         t0 = time.perf_counter()
         rows = self.error_rows(spec)
         if whole or rows is None:
@@ -639,7 +646,7 @@ class LayerSensitivityAnalyzer:
         else:
             new_weight = None
             shape = (int(rows.numel()), spec.shape[1])
-            new_rows = torch.from_numpy(dequantize(self.encode(spec, qtype, rows, sweeps=0), qtype, shape))
+            new_rows = torch.from_numpy(dequantize(self.encode(spec, qtype, rows), qtype, shape))
         entry = {"tensor": spec.name, "type": qtype, "kind": spec.kind, "block": spec.block,
                  "bits_per_weight": get_type(qtype).bits_per_weight,
                  "size_bytes": get_type(qtype).tensor_size_bytes(spec.shape),
@@ -1270,8 +1277,9 @@ class AssignmentEvaluator:
     """Mean KLD of the model with every tensor fake-quantized as an assignment says, and every quantized
     matmul's input rounded as llama.cpp's CPU backend rounds it for that type, on held-out windows.
 
-    Quantized tensors are the analyzer's ggml bytes per (tensor, type) (a fraction of the float size), decoded
-    by ggml when an assignment needs them, so nothing is quantized twice; results are memoised per assignment.
+    Quantized tensors are the analyzer's shipped bytes per (tensor, type) (`quantized_bytes`: ggml's, with
+    GPTQ's feedback and its refinement sweep; a fraction of the float size), decoded when an assignment needs
+    them, so nothing is quantized twice; results are memoised per assignment.
     """
 
     def __init__(self, analyzer: LayerSensitivityAnalyzer, ids: torch.Tensor, batch_size: int = 4):

@@ -33,6 +33,7 @@ import data_utils
 import decode_speed
 import genetic_optim as go
 import gguf_plan
+import gptq
 import quant_utils
 import smoothing
 from export_gguf_official import (ExportError, resolve_model_dir, save_config, source_fingerprint,
@@ -396,6 +397,8 @@ def main(argv=None) -> None:
         elif tensors_path.exists():
             tensors_path.unlink()                   # a previous run's, which this config does not use
         record["quantizer"] = args.quantizer
+        if args.quantizer == "gptq":
+            record["refine_sweeps"] = gptq.REFINE_SWEEPS      # the shipped bytes' sweeps (the table's: none)
         save_config(out, info, final_types, imatrix=imatrix, imatrix_path=str(imatrix_path), extra=record)
         write_json({**record, "smoothing": smoothing_summary(smooth, smooth_records), "tensor_types": final_types,
                     "imatrix_path": str(imatrix_path)}, out.with_suffix(".json"))

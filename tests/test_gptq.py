@@ -99,7 +99,9 @@ def test_a_later_refinement_of_gptqs_bytes_is_the_refined_quantization(qtype):
     w = weight(48, n)
     feedback = gptq.feedback_factor(correlated_gram(n), qu.get_type(qtype).block_size)
     draft = gptq.quantize(w, qtype, feedback, sweeps=0)
-    refined = gptq.refine(w, draft, qtype, feedback)
+    later = gptq.feedback_factor(correlated_gram(n), qu.get_type(qtype).block_size)
+    refined = gptq.refine(w, draft, qtype, later)
+    assert "upper" not in later.__dict__          # a sweep needs the Gram alone: no Cholesky factor was computed
     assert refined == gptq.quantize(w, qtype, feedback)
     assert refined != draft
     assert gptq.refine(w, draft, qtype, feedback, sweeps=0) == draft

@@ -45,6 +45,7 @@ def main() -> None:
     for block in (32, 256):
         start = time.perf_counter()
         factors[block] = gptq.feedback_factor(gram, block)
+        factors[block].block_inverses          # the Cholesky factor and its blocks are computed on first use
         factor_s = time.perf_counter() - start
     weight = torch.from_numpy(w)
     print(f"{args.rows} x {args.cols} Gaussian weights, {args.threads} threads, median of {args.repeats}; "
