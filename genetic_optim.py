@@ -463,12 +463,11 @@ class LayerSensitivityAnalyzer:
         then replaces the draft in memory (without a draft at hand, GPTQ with the sweep in one go: the same
         bytes); the draft itself where GPTQ does not apply (kept in `drafts`); with `plain`, ggml's alone, as
         llama-quantize makes them (`plain_quantized`). No (tensor, type) is quantized twice."""
+        key = (spec.name, qtype)
         if plain and self.quantizer != "ggml":
-            key = (spec.name, qtype)
             if key not in self.plain_quantized:
                 self.plain_quantized[key] = self.encode(spec, qtype, feedback=False)
             return self.plain_quantized[key]
-        key = (spec.name, qtype)
         if key not in self.quantized:
             feedback = self.feedback_of(spec, qtype)
             if feedback is None or gptq.REFINE_SWEEPS == 0:

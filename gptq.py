@@ -146,11 +146,7 @@ def quantize(weight: torch.Tensor, qtype: str, feedback: Feedback, n_threads: in
         if j + 1 < n_blocks:
             err = (w[:, cols] - quantized[:, cols]) @ u_inv
             w[:, cols.stop:] -= err @ upper[cols, cols.stop:]
-    for _ in range(sweeps):
-        _refine(original, quantized, by_position, t.name, feedback, n_threads)
-    out = np.empty_like(by_position)
-    out[:, _block_positions(feedback)] = by_position
-    return out.tobytes()
+    return _swept_bytes(original, quantized, by_position, t.name, feedback, n_threads, sweeps)
 
 
 def refine(weight: torch.Tensor, raw: bytes, qtype: str, feedback: Feedback, n_threads: int | None = None,
@@ -163,13 +159,19 @@ def refine(weight: torch.Tensor, raw: bytes, qtype: str, feedback: Feedback, n_t
     original = weight.detach().to(device=device, dtype=torch.float64)[:, feedback.order]
     n_rows, n = original.shape
     quantized = _decode(raw, t.name, (n_rows, n), device)[:, feedback.order].contiguous()
-    positions = _block_positions(feedback)
     by_row = np.frombuffer(raw, dtype=np.uint8).reshape(n_rows, n // t.block_size, t.block_bytes)
-    by_position = by_row[:, positions]                  # fancy indexing: a writable copy
+    by_position = by_row[:, _block_positions(feedback)]     # fancy indexing: a writable copy
+    return _swept_bytes(original, quantized, by_position, t.name, feedback, n_threads, sweeps)
+
+
+def _swept_bytes(original: torch.Tensor, quantized: torch.Tensor, by_position: np.ndarray, qtype: str,
+                 feedback: Feedback, n_threads: int | None, sweeps: int) -> bytes:
+    """The bytes after `sweeps` refinement sweeps, blocks put back in row order (the end of `quantize` and of
+    `refine`, which must agree bit for bit)."""
     for _ in range(sweeps):
-        _refine(original, quantized, by_position, t.name, feedback, n_threads)
+        _refine(original, quantized, by_position, qtype, feedback, n_threads)
     out = np.empty_like(by_position)
-    out[:, positions] = by_position
+    out[:, _block_positions(feedback)] = by_position
     return out.tobytes()
 
 
