@@ -257,8 +257,11 @@ def test_table_measures_gptq_drafts_and_the_search_ships_them_refined(tied_setup
     assert analyzer.draft_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback, sweeps=0)
     assert entry["rel_out_err"] == analyzer.output_error(spec, analyzer.draft_weight(spec, qtype))["rel_out_err"]
     assert analyzer.quantized_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback)
+    assert (name, qtype) not in analyzer.drafts                 # refined: the draft left memory
     shipped_err = analyzer.output_error(spec, analyzer.quantized_weight(spec, qtype))["rel_out_err"]
     assert shipped_err < entry["rel_out_err"]
+    analyzer.quantized.clear()                                  # as after resuming from a cached table
+    assert analyzer.quantized_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback)
 
 
 def test_statistics_save_and_load_with_weights_only(tied_setup, tmp_path):
