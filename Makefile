@@ -2,7 +2,12 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-REQ_HASH := $(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
+# llama-cpp-python 0.3.36's AMX kernels die at their first tile load on AMX CPUs (Xeon Sapphire Rapids and newer):
+# gcc builds the tile configuration on the stack and optimises it away (ggml-org/llama.cpp#26954). On x86 it is
+# built without AMX; its AVX-512/VNNI, repacked and llamafile kernels stay. Part of the stamp: a change rebuilds.
+LLAMA_CFLAGS := $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
+REQ_HASH := $(shell (cat requirements.txt requirements-dev.txt; echo '$(LLAMA_CFLAGS)') | sha1sum | cut -c1-12)
 STAMP  := $(VENV)/.installed-$(REQ_HASH)
 DEMO_MODEL := models/smollm2-135m-instruct
 QWEN_TOKENIZER := models/qwen-tokenizer/tokenizer.json
@@ -14,9 +19,14 @@ all: test
 venv: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || { $(PYTHON) -m venv $(VENV) && echo '$(LLAMA_CFLAGS)' > $(VENV)/.llama-cflags; }
 	@echo "Installing requirements; llama-cpp-python builds from source (about 4 min on 2 cores)."
-	$(PY) -m pip install --progress-bar on -r requirements-dev.txt
+	CFLAGS='$(LLAMA_CFLAGS)' CXXFLAGS='$(LLAMA_CFLAGS)' $(PY) -m pip install --progress-bar on --no-cache-dir \
+	  -r requirements-dev.txt
+	@if [ "$$(cat $(VENV)/.llama-cflags 2>/dev/null)" != '$(LLAMA_CFLAGS)' ]; then \
+	  echo "Rebuilding llama-cpp-python with CFLAGS='$(LLAMA_CFLAGS)'"; \
+	  CFLAGS='$(LLAMA_CFLAGS)' CXXFLAGS='$(LLAMA_CFLAGS)' $(PY) -m pip install --no-deps --force-reinstall \
+	    --no-cache-dir llama-cpp-python==$(LLAMA_VERSION) && echo '$(LLAMA_CFLAGS)' > $(VENV)/.llama-cflags; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

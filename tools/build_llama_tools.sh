@@ -13,6 +13,10 @@ if [ ! -d "llama_cpp_python-$VERSION" ]; then
   tar xzf "llama_cpp_python-$VERSION.tar.gz"
 fi
 SRC="$DEST/llama_cpp_python-$VERSION/vendor/llama.cpp"
+# As the Makefile builds llama-cpp-python: without AMX on x86 (its kernels crash there, ggml-org/llama.cpp#26954).
+case "$(uname -m)" in
+  x86_64|amd64) export CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"; export CXXFLAGS="$CFLAGS" ;;
+esac
 cmake -S "$SRC" -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_SERVER=OFF ${CMAKE_ARGS:-}
 cmake --build build -j"$(nproc)" --target llama-quantize llama-imatrix llama-perplexity llama-bench
