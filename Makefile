@@ -42,6 +42,7 @@ $(QWEN_TOKENIZER):
 
 test: $(STAMP) $(DEMO_MODEL)
 	-@$(MAKE) --no-print-directory $(QWEN_TOKENIZER) || echo "Qwen tokenizer not fetched: its tests will skip"
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 # The main job on the demo model: search at the size of llama.cpp's Q4_K_M, export F16, Q4_K_M (same imatrix)

@@ -1,17 +1,16 @@
 """Compare the original model (transformers) with one GGUF: quality, speed, memory and generations.
 
 The quick path of compare_three_models.py, with the same measurements and options (see its docstring and
-eval_utils.py for how each number is measured).
+metrics.py, runtimes.py and workers.py for how each number is measured).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-import compare_three_models
-import eval_utils
-from eval_utils import CompareError
+import cli
+import comparison
+from cli import UserError
 
 DEFAULTS = {
     "model_id": "Qwen/Qwen2.5-7B-Instruct",
@@ -24,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_id", default=DEFAULTS["model_id"], help="original model: HF id or local directory")
     parser.add_argument("--gguf_path", default=DEFAULTS["gguf_path"], help="GGUF to compare")
-    eval_utils.add_measurement_args(parser)
+    comparison.add_measurement_args(parser)
     args = parser.parse_args(argv)
     args.skip_original = False
     return args
@@ -32,15 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
+    with cli.reported_errors():
         if not Path(args.gguf_path).is_file():
-            raise CompareError(f"--gguf_path {args.gguf_path} not found; make it from the same model with: python "
-                               f"export_gguf_official.py --model_id {args.model_id} --preset Q4_K_M --imatrix "
-                               f"IMATRIX.gguf --output {args.gguf_path}")
-        compare_three_models.run(args, [(Path(args.gguf_path).stem, args.gguf_path)])
-    except CompareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+            raise UserError(f"--gguf_path {args.gguf_path} not found; make it from the same model with: python "
+                            f"export_gguf_official.py --model_id {args.model_id} --preset Q4_K_M --imatrix "
+                            f"IMATRIX.gguf --output {args.gguf_path}")
+        comparison.run_comparison(args, [(Path(args.gguf_path).stem, args.gguf_path)])
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ file is written under a temporary name and renamed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import unicodedata
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+
+import files
 
 MiB = 2**20
 
@@ -127,44 +127,6 @@ def side_by_side(prompt: str, names: list[str], texts: list[str], width: int = 1
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _temp_beside(path: Path) -> tuple[int, str]:
-    """A temporary file in path's directory, with the permissions a plain open() would give (mkstemp's are
-    owner-only)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_savefig(fig, path: Path) -> None:
-    """Save a matplotlib figure as PNG through a temporary file."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_kld_vs_size(results, path: Path) -> None:
     """Mean KLD from the original against file size for every GGUF (log KLD axis); the original's own size
     is a dashed line. Without any KLD (no cached original logits) perplexity is plotted instead."""
@@ -195,8 +157,7 @@ def plot_kld_vs_size(results, path: Path) -> None:
     ax.set_ylabel(label)
     ax.set_title(("KL divergence" if use_kld else "perplexity") + " vs file size")
     ax.grid(True, which="both", alpha=0.3)
-    atomic_savefig(fig, path)
-    plt.close(fig)
+    files.save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_speed(results, path: Path) -> None:
@@ -219,8 +180,7 @@ def plot_speed(results, path: Path) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.invert_yaxis()
         ax.margins(x=0.25)
-    atomic_savefig(fig, path)
-    plt.close(fig)
+    files.save_figure(fig, path, bbox_inches="tight")
 
 
 def _md_cell(text: str) -> str:
@@ -253,8 +213,8 @@ def write_report(report_dir, results, prompts: list[str], texts: dict, settings:
     payload = {"settings": settings, "notes": notes, "prompts": prompts,
                "models": [{**asdict(r), "generations": texts[r.name]} for r in results]}
     paths = [report_dir / n for n in ("results.json", "report.md", "kld_vs_size.png", "speed.png")]
-    atomic_write_text(paths[0], json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
-    atomic_write_text(paths[1], report_markdown(results, prompts, texts, settings, notes) + "\n")
+    files.write_text(paths[0], json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    files.write_text(paths[1], report_markdown(results, prompts, texts, settings, notes) + "\n")
     plot_kld_vs_size(results, paths[2])
     plot_speed(results, paths[3])
     return paths

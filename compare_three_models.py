@@ -4,7 +4,7 @@ For every model: perplexity on the evaluation text; KL divergence of its next-to
 original's (mean, median, 99th percentile) and top-1 agreement over the same token windows; prompt-processing
 and decode tok/s; load time; peak memory; file size; greedy answers to the prompts, shown side by side.
 
-How it is measured (details in eval_utils.py):
+How it is measured (details in metrics.py, reference.py, runtimes.py and workers.py):
 - Quality follows `llama-perplexity --kl-divergence`: consecutive windows of --seq_len tokens, each from an
   empty cache, BOS first when the tokenizer adds one, only the second half of each window scored.
 - The original's logits are computed once (transformers; fp32 on CPU, bf16/fp16 on GPU) and cached under
@@ -24,16 +24,15 @@ How it is measured (details in eval_utils.py):
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 # This process loads torch (transformers' tokenizer) and asks llama.cpp whether it can offload: with CUDA builds
-# torch must come first (eval_utils.WORKER_RUNTIME); the models themselves are measured in fresh processes.
+# torch must come first (workers.py); the models themselves are measured in fresh processes.
 import torch  # noqa: F401
 
-import compare_report
-import eval_utils
-from eval_utils import CompareError
+import cli
+import comparison
+from cli import UserError
 
 DEFAULTS = {
     "model_id": "Qwen/Qwen2.5-7B-Instruct",
@@ -52,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="extra GGUFs of the same model (e.g. other llama.cpp presets)")
     parser.add_argument("--skip_original", action="store_true",
                         help="do not run the transformers model (KLD uses its cached logits, if any)")
-    eval_utils.add_measurement_args(parser)
+    comparison.add_measurement_args(parser)
     return parser.parse_args(argv)
 
 
@@ -70,61 +69,23 @@ def named_ggufs(args) -> list[tuple[str, str]]:
 def check_files_exist(args) -> None:
     """Missing GGUFs stop the run before anything is loaded, with the command that makes each one."""
     if not Path(args.q4km_path).is_file():
-        raise CompareError(f"--q4km_path {args.q4km_path} not found; make it from the same model with: python "
-                           f"export_gguf_official.py --model_id {args.model_id} --preset Q4_K_M --imatrix "
-                           f"IMATRIX.gguf --output {args.q4km_path} (imatrix from calib_stats.py --imatrix)")
+        raise UserError(f"--q4km_path {args.q4km_path} not found; make it from the same model with: python "
+                        f"export_gguf_official.py --model_id {args.model_id} --preset Q4_K_M --imatrix "
+                        f"IMATRIX.gguf --output {args.q4km_path} (imatrix from calib_stats.py --imatrix)")
     if not Path(args.mixed_path).is_file():
-        raise CompareError(f"--mixed_path {args.mixed_path} not found; make it with: python mixed_precision_ptq.py "
-                           f"--model_id {args.model_id}, then python export_gguf_official.py --model_id "
-                           f"{args.model_id} --output {args.mixed_path}")
+        raise UserError(f"--mixed_path {args.mixed_path} not found; make it with: python mixed_precision_ptq.py "
+                        f"--model_id {args.model_id}, then python export_gguf_official.py --model_id "
+                        f"{args.model_id} --output {args.mixed_path}")
     for path in args.gguf:
         if not Path(path).is_file():
-            raise CompareError(f"--gguf {path} not found")
-
-
-def run(args, ggufs: list[tuple[str, str]]) -> None:
-    """The pipeline shared with compare_real_quant.py: load, check, measure, print, report."""
-    settings = eval_utils.settings_from_args(args)
-    for key, value in vars(args).items():
-        print(f"{key:<16} {value}")
-    print(f"{'devices':<16} {eval_utils.describe_devices(settings)}")
-
-    original = eval_utils.load_original(args.model_id)
-    for _, path in ggufs:
-        eval_utils.check_gguf_matches_model(path, original.model_dir, original.tokenizer)
-    windows = eval_utils.load_eval_windows(args.eval_file, original.tokenizer, settings.seq_len, settings.n_windows)
-    prompts = eval_utils.load_prompts(args.prompts)
-    print(f"{'evaluation':<16} {len(windows)} windows of {settings.seq_len} tokens, "
-          f"{len(windows) * (settings.seq_len - 1 - eval_utils.first_scored(settings.seq_len))} scored")
-
-    results, texts, notes = eval_utils.compare_models(original, ggufs, windows, prompts, settings,
-                                                      skip_original=args.skip_original)
-
-    print()
-    print(compare_report.format_table(results))
-    for note in notes:
-        print(f"note: {note}")
-    width = compare_report.terminal_width()
-    for i, prompt in enumerate(prompts):
-        print()
-        print(compare_report.side_by_side(prompt, [r.name for r in results], [texts[r.name][i] for r in results],
-                                          width))
-    if args.report:
-        settings_record = {**vars(args), "devices": eval_utils.describe_devices(settings),
-                           "n_windows": len(windows), "scored_tokens_per_window":
-                           settings.seq_len - 1 - eval_utils.first_scored(settings.seq_len)}
-        paths = compare_report.write_report(args.report, results, prompts, texts, settings_record, notes)
-        print(f"\nreport: {', '.join(str(p) for p in paths)}")
+            raise UserError(f"--gguf {path} not found")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
+    with cli.reported_errors():
         check_files_exist(args)
-        run(args, named_ggufs(args))
-    except CompareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        comparison.run_comparison(args, named_ggufs(args))
 
 
 if __name__ == "__main__":

@@ -17,17 +17,19 @@ llama-imatrix and llama-perplexity do; tokenizers without BOS (SmolLM2, Qwen2) g
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from cli import UserError
 
 HUB_HINT = ("pass local text with --calib_file (e.g. ../shared/data/wikitext-2/wiki.valid.tokens) "
             "and --eval_file (wiki.test.tokens)")
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(UserError):
     """A calibration/evaluation source that cannot be read; the message says what to pass instead."""
 
 
@@ -209,3 +211,17 @@ def get_eval_dataset(source, tokenizer, seq_len: int = 512, n_samples: int | Non
         raise DataSourceError(f"{n} evaluation windows of {seq_len} tokens requested; the text holds {n_full}")
     windows = stream[: n * seq_len].reshape(n, seq_len).clone()
     return _with_bos(windows, tokenizer)
+
+
+def add_calib_args(parser) -> None:
+    """The calibration-data options shared by every script that calibrates."""
+    parser.add_argument("--calib", "--calib_dataset", dest="calib_dataset", default="wikitext2",
+                        help="hub calibration source (datasets)")
+    parser.add_argument("--calib_file", nargs="+", default=None,
+                        help="local calibration text (.txt/.tokens, .jsonl, .parquet; several allowed); "
+                             "overrides --calib_dataset")
+    parser.add_argument("--calib_chat", action="store_true", help="wrap samples in the model's chat template")
+    parser.add_argument("--n_samples", type=int, default=128, help="calibration windows")
+    parser.add_argument("--seq_len", type=int, default=512, help="tokens per window")
+    parser.add_argument("--seed", type=int, default=0, help="window sampling seed")
+    parser.add_argument("--device", default="auto", help="cuda | mps | cpu | auto")

@@ -30,16 +30,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import torch
 from tqdm.auto import tqdm
 
+import files
+import gguf_export
 import gguf_plan
 import quant_utils
+import runtimes
+import workers
+from architectures import ModelInfo, load_model_info, quantizable_tensors
 
 REFERENCE_TYPE = "Q8_0"          # fits every row length that is a multiple of 32
 MIN_BENCH_LAYERS = 4
@@ -74,27 +79,27 @@ class DecodeCosts:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DecodeCosts":
+    def from_dict(cls, d: dict) -> DecodeCosts:
         return cls(float(d["one_block_s"]), float(d["per_block_s"]),
                    {k: float(v) for k, v in d["delta_s_per_weight"].items()}, d["backend"],
                    list(d.get("measured", [])))
 
 
-def lookup_only_tensors(info: gguf_plan.ModelInfo) -> set[str]:
+def lookup_only_tensors(info: ModelInfo) -> set[str]:
     """Tensors decode reads a row of, not the whole: the token embedding of an untied model."""
     return set() if info.tied else {t.hf_name for t in info.tensors if t.quantizable and
                                     t.kind == gguf.MODEL_TENSOR.TOKEN_EMBD}
 
 
-def tensor_decode_s(info: gguf_plan.ModelInfo, costs: DecodeCosts) -> dict[str, Callable[[str], float]]:
+def tensor_decode_s(info: ModelInfo, costs: DecodeCosts) -> dict[str, Callable[[str], float]]:
     """{tensor: seconds per token it adds as a given type}, for the allocation table."""
-    shapes = gguf_plan.quantizable_tensors(info)
+    shapes = quantizable_tensors(info)
     lookup = lookup_only_tensors(info)
     return {n: (lambda t, n=n, r=r, c=c: costs.tensor_delta_s(n, r * c, t, n in lookup))
             for n, (r, c) in shapes.items()}
 
 
-def predicted_decode_s(info: gguf_plan.ModelInfo, costs: DecodeCosts, tensor_types: dict[str, str]) -> float:
+def predicted_decode_s(info: ModelInfo, costs: DecodeCosts, tensor_types: dict[str, str]) -> float:
     """Predicted decode seconds per token of the model with these types (llama-bench's tg on the cost
     table's backend)."""
     per_tensor = tensor_decode_s(info, costs)
@@ -128,21 +133,17 @@ def write_random_checkpoint(config: dict, tokenizer_dir: Path, out_dir: Path, de
             p.fill_(1.0)
         else:
             p.normal_(0.0, std, generator=gen)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size="4GB")
-    del model
-    for f in Path(tokenizer_dir).iterdir():
-        if f.is_file() and f.name != "config.json" and not f.name.endswith(SKIP_FILES) \
-                and not f.name.endswith(".index.json") and not (tmp / f.name).exists():
-            shutil.copy(f, tmp / f.name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
+    with files.atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, max_shard_size="4GB")
+        del model
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and f.name != "config.json" and not f.name.endswith(SKIP_FILES) \
+                    and not f.name.endswith(".index.json") and not (tmp / f.name).exists():
+                shutil.copy(f, tmp / f.name)
+    return Path(out_dir)
 
 
-def uniform_block_types(info: gguf_plan.ModelInfo, qtype: str) -> tuple[dict[str, str], int]:
+def uniform_block_types(info: ModelInfo, qtype: str) -> tuple[dict[str, str], int]:
     """Every block matrix in `qtype` where its rows fit (else the reference type), the rest in the reference
     type; and the number of weights stored as `qtype`."""
     types, n_weights = {}, 0
@@ -158,8 +159,7 @@ def uniform_block_types(info: gguf_plan.ModelInfo, qtype: str) -> tuple[dict[str
 def backend_description(n_threads: int) -> str:
     """What the decode speed depends on besides the model: llama.cpp build and the device it runs on."""
     import llama_cpp
-    import eval_utils
-    if eval_utils.llama_gpu_offload():
+    if runtimes.llama_gpu_offload():
         where = "GPU " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "offload")
     else:
         where = f"CPU {platform.machine()} {os.cpu_count()} cores, {n_threads} threads"
@@ -169,20 +169,19 @@ def backend_description(n_threads: int) -> str:
 def decode_tok_s(gguf_path: Path, tg_tokens: int, runs: int, n_threads: int) -> float:
     """Decode tok/s of a GGUF, llama-bench's tg test (single-token decodes from an empty cache), measured in a
     fresh Python that loads llama.cpp before numpy and never torch (on the H100, a process that had imported
-    numpy, or torch, first died with a segfault at the model load: see eval_utils)."""
-    code = ("import llama_cpp\nimport eval_utils, json, sys\n"
-            "llm = eval_utils.open_llama(sys.argv[1], int(sys.argv[2]) + 8, 8, False, int(sys.argv[4]))\n"
-            "print(json.dumps(eval_utils.llama_speed(llm, 1, int(sys.argv[2]), int(sys.argv[3]))[1]))\n")
-    import eval_utils
+    numpy, or torch, first died with a segfault at the model load: see workers.py)."""
+    code = ("import llama_cpp\nimport runtimes, json, sys\n"
+            "llm = runtimes.open_llama(sys.argv[1], int(sys.argv[2]) + 8, 8, False, int(sys.argv[4]))\n"
+            "print(json.dumps(runtimes.llama_speed(llm, 1, int(sys.argv[2]), int(sys.argv[3]))[1]))\n")
     done = subprocess.run([sys.executable, "-c", code, str(gguf_path), str(tg_tokens), str(runs), str(n_threads)],
-                          capture_output=True, text=True, env=eval_utils.repo_python_env(), cwd=eval_utils.REPO_DIR)
+                          capture_output=True, text=True, env=workers.repo_python_env(), cwd=workers.REPO_DIR)
     if done.returncode != 0:
         raise RuntimeError(f"decode benchmark of {gguf_path.name} failed (exit {done.returncode}): "
                            f"{done.stderr.strip()[-500:]}")
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def bench_layers(info: gguf_plan.ModelInfo) -> int:
+def bench_layers(info: ModelInfo) -> int:
     """Blocks in the benchmark model: at least MIN_BENCH_LAYERS and MIN_BENCH_BLOCK_BYTES of block weights in
     the reference type, at most the model's own."""
     block_bytes = sum(gguf_plan.gguf_tensor_bytes(info, t.hf_name, REFERENCE_TYPE)
@@ -194,10 +193,9 @@ def bench_layers(info: gguf_plan.ModelInfo) -> int:
 def measure_decode_costs(model_dir: Path, types: list[str], work_dir: Path, tg_tokens: int = 128, runs: int = 5,
                          n_threads: int | None = None, device: str = "cpu", progress: bool = True) -> DecodeCosts:
     """Run the microbenchmark (module docstring) for `types` on the model at `model_dir`."""
-    import export_gguf_official as export
     n_threads = n_threads or os.cpu_count() or 1
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    layers = bench_layers(gguf_plan.load_model_info(Path(model_dir)))
+    layers = bench_layers(load_model_info(Path(model_dir)))
     types = [REFERENCE_TYPE] + sorted(set(types) - {REFERENCE_TYPE},
                                       key=lambda t: quant_utils.get_type(t).bits_per_weight)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
@@ -209,12 +207,12 @@ def measure_decode_costs(model_dir: Path, types: list[str], work_dir: Path, tg_t
         for n_layers in sorted({n for n, _ in jobs}):
             ckpt = write_random_checkpoint(dict(config, num_hidden_layers=n_layers), Path(model_dir),
                                            tmp / f"layers{n_layers}", device=device)
-            infos[n_layers] = gguf_plan.load_model_info(ckpt, f"decode-bench-{n_layers}")
+            infos[n_layers] = load_model_info(ckpt, f"decode-bench-{n_layers}")
         for n_layers, qtype in tqdm(jobs, desc="decode cost", unit="gguf", disable=not progress):
             info = infos[n_layers]
             tensor_types, n_weights = uniform_block_types(info, qtype)
             path = tmp / f"{qtype}-{n_layers}.gguf"
-            export.write_gguf(export.plan_from_types(info, tensor_types), path, progress=False)
+            gguf_export.write_gguf(gguf_export.plan_from_types(info, tensor_types), path, progress=False)
             tok_s = decode_tok_s(path, tg_tokens, runs, n_threads)
             path.unlink()
             measured.append({"type": qtype, "layers": n_layers, "weights_in_type": n_weights, "tok_s": tok_s})
@@ -239,7 +237,7 @@ def cached_decode_costs(model_dir: Path, types: list[str], cache_dir: Path, n_th
     config = json.loads((Path(model_dir) / "config.json").read_text())
     widths = {k: v for k, v in config.items() if k != "num_hidden_layers" and isinstance(v, (int, float, str))}
     backend = backend_description(n_threads)
-    layers = bench_layers(gguf_plan.load_model_info(Path(model_dir)))
+    layers = bench_layers(load_model_info(Path(model_dir)))
     key = hashlib.sha256(json.dumps([widths, sorted(types), backend, layers], sort_keys=True).encode())
     path = Path(cache_dir) / f"decode-costs-{key.hexdigest()[:16]}.json"
     if path.is_file():
@@ -248,8 +246,5 @@ def cached_decode_costs(model_dir: Path, types: list[str], cache_dir: Path, n_th
     costs = measure_decode_costs(Path(model_dir), types, Path(cache_dir), n_threads=n_threads, device=device,
                                  progress=progress)
     record = dict(costs.to_dict(), seconds=time.perf_counter() - t0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    files.write_json(path, record)
     return costs

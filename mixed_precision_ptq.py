@@ -11,33 +11,44 @@ into a GGUF. The size the search promises is the size of the file the exporter w
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
+
+if __name__ == "__main__":
+    # Before torch loads OpenMP: torch's threads and ggml's quantizer threads take turns on the same cores, and
+    # OpenMP's default spinning after each parallel region keeps a core from ggml (the search ran 14% longer on
+    # 2 cores). Set for this run only (not for an importer); an explicit setting in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import contextlib
+import json
 import re
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-# Before torch loads OpenMP: torch's threads and ggml's quantizer threads take turns on the same cores, and
-# OpenMP's default spinning after each parallel region keeps a core from ggml (the search ran 14% longer on
-# 2 cores). An explicit setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import architectures
 import calib_stats
+import cli
+import config_file
 import data_utils
 import decode_speed
-import genetic_optim as go
+import files
+import genetic_optim
 import gguf_plan
 import gptq
+import imatrix_file
+import kld
+import placement
 import quant_utils
+import quantized_weights
+import sensitivity
+import sensitivity_table
 import smoothing
-from export_gguf_official import (ExportError, resolve_model_dir, save_config, source_fingerprint,
-                                  write_quantized_tensors)
+from model_blocks import load_model_and_tokenizer, resolve_device
 
 # llama.cpp presets offered to the GA as seeds and used as the uniform baseline at the budget.
 SEED_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
@@ -64,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--types", default=None,
                    help="candidate types, comma list: each tensor may take those that fit its rows (default: "
                         "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0; Q4_0,IQ4_NL,Q4_1,Q5_0,Q5_1,Q8_0 where K types do not fit)")
-    calib_stats.add_data_args(p)
+    data_utils.add_calib_args(p)
     p.add_argument("--kld_samples", type=int, default=4, help="held-out windows for single-tensor KLDs")
     p.add_argument("--kld_seq_len", type=int, default=128, help="tokens per held-out window (sensitivity)")
     p.add_argument("--measure_samples", type=int, default=8,
@@ -74,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gram_max_dim", type=int, default=8192,
                    help="no Gram for inputs wider than this (their output error goes through the imatrix)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward call")
-    p.add_argument("--quantizer", default="gptq", choices=go.QUANTIZERS,
+    p.add_argument("--quantizer", default="gptq", choices=quantized_weights.QUANTIZERS,
                    help="gptq: ggml's quantizer with GPTQ error feedback over block columns (tensors with a Gram; "
                         "their bytes ship in <output>.tensors.gguf); ggml: ggml's imatrix quantization alone")
     p.add_argument("--smooth", default="off", type=smooth_mode,
@@ -86,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode_costs", default=None,
                    help="decode cost table (JSON from decode_speed.py) to use instead of measuring one here, "
                         "e.g. one measured on the machine that will run the model")
-    p.add_argument("--max_memory", default=None, help=calib_stats.MAX_MEMORY_HELP)
+    p.add_argument("--max_memory", default=None, help=placement.MAX_MEMORY_HELP)
     p.add_argument("--cache_dir", default="models/cache", help="statistics and sensitivity cache (resumable)")
     return p.parse_args(argv)
 
@@ -104,6 +115,7 @@ def smooth_mode(text: str) -> str:
     return str(alpha)
 
 
+
 def parse_size(text: str) -> int:
     """'4.36GiB' / '100MB' / '123456' -> bytes."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
@@ -112,7 +124,7 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
-def budget_bytes(args, info: gguf_plan.ModelInfo) -> tuple[int, str]:
+def budget_bytes(args, info: architectures.ModelInfo) -> tuple[int, str]:
     """The file-size budget in bytes and how it was asked for (exactly one option wins)."""
     if args.target_size is not None:
         return parse_size(args.target_size), f"--target_size {args.target_size}"
@@ -120,80 +132,147 @@ def budget_bytes(args, info: gguf_plan.ModelInfo) -> tuple[int, str]:
         types = gguf_plan.preset_types(info, args.target_preset, imatrix_available=True)
         return gguf_plan.gguf_file_size(info, types), f"size of {args.target_preset.upper()} (imatrix)"
     if args.target_bpw is not None:
-        return int(args.target_bpw * info.n_params / 8) + metadata_bytes(info), f"--target_bpw {args.target_bpw}"
+        size = int(args.target_bpw * info.n_params / 8) + gguf_plan.metadata_bytes(info)
+        return size, f"--target_bpw {args.target_bpw}"
     fraction = 0.25 if args.target_compression is None else args.target_compression
     f16 = gguf_plan.gguf_file_size(info, gguf_plan.preset_types(info, "F16"))
     return int(fraction * f16), f"--target_compression {fraction} of F16 ({f16:,} bytes)"
 
 
-def metadata_bytes(info: gguf_plan.ModelInfo) -> int:
-    """File bytes that are not tensor data (header, metadata, tensor infos, padding)."""
-    f32 = gguf_plan.preset_types(info, "F32")
-    return gguf_plan.gguf_file_size(info, f32) - 4 * info.n_params
+# ---------------------------------------------------------------------------------------------------------
+# The stages, in the order main runs them
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SearchInputs:
+    """What every stage reads: the checkpoint, the budget, the menus and the token windows."""
+    model_dir: Path
+    info: architectures.ModelInfo
+    model: torch.nn.Module
+    budget_bytes: int
+    budget_source: str
+    allowed_types: list[str] | None      # --types, or None for the default menus
+    menus: dict[str, tuple[str, ...]]    # tensor -> candidate types
+    calib_source: str
+    calib_ids: torch.Tensor              # statistics windows
+    holdout_ids: torch.Tensor            # single-tensor KLD windows (sensitivity)
+    measure_ids: torch.Tensor            # the GA's measured-KLD windows
+    weight_hashes: dict[str, str]        # tensor -> files.weight_sample_hash of the checkpoint's weight
+
+    @property
+    def menu_args(self) -> dict:
+        return {"k_menu": self.allowed_types, "block32_menu": self.allowed_types} if self.allowed_types else {}
 
 
-def bits_per_weight(info: gguf_plan.ModelInfo, file_size: int) -> float:
-    """llama.cpp's BPW: tensor-data bits over parameters."""
-    return 8 * (file_size - metadata_bytes(info)) / info.n_params
+def load_inputs(args) -> SearchInputs:
+    """The checkpoint (float32 on the CPU, or where smoothing needs exact rescaling), its budget and menus, and
+    the calibration, held-out and measurement windows, drawn disjointly from one source."""
+    model_dir, model_name = files.resolve_model_dir(args.model_id)
+    info = architectures.load_model_info(model_dir, model_name)
+    budget, budget_source = budget_bytes(args, info)
+    allowed = None if args.types is None else [quant_utils.get_type(t).name for t in args.types.split(",")]
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    if resolve_device(args.device).type == "cpu" or args.smooth != "off":
+        model = model.float()        # smoothing rescales weights in place: in bf16 that would round them
+    source = args.calib_file or args.calib_dataset
+    n_total = args.n_samples + args.kld_samples + args.measure_samples
+    ids = data_utils.get_calib_dataset(source, tokenizer, n_total, args.seq_len, args.seed, chat=args.calib_chat)
+    menu_args = {"k_menu": allowed, "block32_menu": allowed} if allowed else {}
+    menus = {spec.name: spec.types for spec in quantized_weights.quantizable_weights(model, **menu_args)}
+    return SearchInputs(
+        model_dir, info, model, budget, budget_source, allowed, menus, data_utils.describe_source(source),
+        calib_ids=ids[:args.n_samples],
+        holdout_ids=ids[args.n_samples:args.n_samples + args.kld_samples, :args.kld_seq_len],
+        measure_ids=ids[args.n_samples + args.kld_samples:],
+        weight_hashes={name: files.weight_sample_hash(model.get_parameter(name)) for name in menus})
 
 
-def build_problem(info, table: go.SensitivityTable, allowed_types,
-                  costs: decode_speed.DecodeCosts | None = None) -> go.AllocationProblem:
-    """The allocation table: each tensor's menu, exact file bytes per type and predicted damage (weight
-    error plus input rounding, `genetic_optim.entry_damage`); with `costs`, predicted decode seconds too."""
-    shapes = gguf_plan.quantizable_tensors(info)
-    if set(table.tensors()) != set(shapes):
-        missing = sorted(set(shapes) ^ set(table.tensors()))[:3]
-        raise ValueError(f"sensitivity table and model disagree on the quantizable tensors (e.g. {missing})")
-    by_tensor: dict[str, list[dict]] = {}
-    for e in table.entries:
-        if e.get("kld_pred") is not None and (allowed_types is None or e["type"] in allowed_types):
-            by_tensor.setdefault(e["tensor"], []).append(e)
-    names, menus, sizes, damages, blocks = [], [], [], [], []
-    for name in table.tensors():
-        entries = by_tensor.get(name)
-        if not entries:
-            raise ValueError(f"no candidate type for {name} (rows of {shapes[name][1]}) in --types")
-        names.append(name)
-        menus.append([e["type"] for e in entries])
-        sizes.append([gguf_plan.gguf_tensor_bytes(info, name, e["type"]) for e in entries])
-        damages.append([go.entry_damage(e) for e in entries])
-        blocks.append(-1 if entries[0]["block"] is None else entries[0]["block"])
-    decode_s = base_s = None
-    if costs is not None:
-        per_tensor = decode_speed.tensor_decode_s(info, costs)
-        decode_s = [{t: per_tensor[name](t) for t in menu} for name, menu in zip(names, menus)]
-        base_s = costs.all_reference_s(info.n_layers)
-    return go.AllocationProblem.build(names, menus, sizes, damages, gguf_plan.gguf_fixed_bytes(info), blocks,
-                                      decode_s, base_s or 0.0)
-
-
-def decode_costs_for(args, model_dir: Path, info, menus: dict[str, list[str]]) -> decode_speed.DecodeCosts | None:
+def decode_costs_for(args, run: SearchInputs) -> decode_speed.DecodeCosts | None:
     """The decode cost table when --max_slowdown asks for one: from --decode_costs, else measured here (cached)
     for every type of the menus and of the presets."""
     if args.max_slowdown is None:
         return None
     if args.decode_costs:
         return decode_speed.DecodeCosts.from_dict(json.loads(Path(args.decode_costs).read_text()))
-    types = {t for menu in menus.values() for t in menu}
+    types = {t for menu in run.menus.values() for t in menu}
     for name in SEED_PRESETS:
-        types |= set(gguf_plan.preset_types(info, name, imatrix_available=True).values())
+        types |= set(gguf_plan.preset_types(run.info, name, imatrix_available=True).values())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return decode_speed.cached_decode_costs(model_dir, sorted(types), Path(args.cache_dir), device=device)
+    return decode_speed.cached_decode_costs(run.model_dir, sorted(types), Path(args.cache_dir), device=device)
 
 
-def check_feasible(problem: go.AllocationProblem, info, budget: int) -> None:
+def collect_statistics(args, run: SearchInputs) -> calib_stats.CalibStats:
+    """Activation statistics (imatrix sums, Grams) of the calibration windows, cached."""
+    stats = calib_stats.cached_statistics(run.model, run.calib_ids, args.device, args.batch_size,
+                                          args.gram_samples, args.cache_dir, args.gram_max_dim)
+    stats.meta["source"] = run.calib_source
+    return stats
+
+
+def smooth_model(args, run: SearchInputs, stats: calib_stats.CalibStats
+                 ) -> tuple[smoothing.Smoothing, list[dict]]:
+    """The smoothing transform (--smooth), applied to the model and its statistics alike."""
+    smooth, records = smoothing.search_smoothing(run.model, stats, run.menus, args.smooth)
+    smoothing.apply_to_model(run.model, smooth)
+    smoothing.apply_to_statistics(stats, smooth)
+    return smooth, records
+
+
+def measure_sensitivity(args, run: SearchInputs, stats: calib_stats.CalibStats
+                        ) -> tuple[sensitivity.LayerSensitivityAnalyzer, sensitivity_table.SensitivityTable]:
+    """Every tensor's sensitivity to every type of its menu (cached per tensor and type, resumable)."""
+    max_memory = placement.parse_max_memory(args.max_memory) if args.max_memory else None
+    analyzer = sensitivity.LayerSensitivityAnalyzer(
+        run.model, stats, run.holdout_ids, cache_dir=Path(args.cache_dir) / "sensitivity", device=args.device,
+        max_memory=max_memory, eval_tokens=run.measure_ids.numel(), quantizer=args.quantizer, **run.menu_args)
+    print(f"placement: {placement.describe_device_map(analyzer.device_map)}")
+    return analyzer, analyzer.run()
+
+
+def build_problem(info, table: sensitivity_table.SensitivityTable, allowed_types,
+                  costs: decode_speed.DecodeCosts | None = None) -> genetic_optim.AllocationProblem:
+    """The allocation table: each tensor's menu, exact file bytes per type and predicted damage (weight
+    error plus input rounding, `SensitivityEntry.damage`); with `costs`, predicted decode seconds too."""
+    shapes = architectures.quantizable_tensors(info)
+    if set(table.tensors()) != set(shapes):
+        missing = sorted(set(shapes) ^ set(table.tensors()))[:3]
+        raise ValueError(f"sensitivity table and model disagree on the quantizable tensors (e.g. {missing})")
+    by_tensor: dict[str, list[sensitivity_table.SensitivityEntry]] = {}
+    for e in table.entries:
+        if e.kld_pred is not None and (allowed_types is None or e.type in allowed_types):
+            by_tensor.setdefault(e.tensor, []).append(e)
+    names, menus, sizes, damages, blocks = [], [], [], [], []
+    for name in table.tensors():
+        entries = by_tensor.get(name)
+        if not entries:
+            raise ValueError(f"no candidate type for {name} (rows of {shapes[name][1]}) in --types")
+        names.append(name)
+        menus.append([e.type for e in entries])
+        sizes.append([gguf_plan.gguf_tensor_bytes(info, name, e.type) for e in entries])
+        damages.append([e.damage for e in entries])
+        blocks.append(-1 if entries[0].block is None else entries[0].block)
+    decode_s = base_s = None
+    if costs is not None:
+        per_tensor = decode_speed.tensor_decode_s(info, costs)
+        decode_s = [{t: per_tensor[name](t) for t in menu} for name, menu in zip(names, menus)]
+        base_s = costs.all_reference_s(info.n_layers)
+    return genetic_optim.AllocationProblem.build(names, menus, sizes, damages, gguf_plan.gguf_fixed_bytes(info),
+                                                 blocks, decode_s, base_s or 0.0)
+
+
+def check_feasible(problem: genetic_optim.AllocationProblem, info, budget: int) -> None:
     low, high = problem.feasible_range()
     if not low <= budget:
         raise ValueError(f"budget {budget:,} bytes is infeasible: the feasible range with these types is "
-                         f"{low:,} .. {high:,} bytes ({bits_per_weight(info, low):.3f} .. "
-                         f"{bits_per_weight(info, high):.3f} bpw)")
+                         f"{low:,} .. {high:,} bytes ({gguf_plan.bits_per_weight(info, low):.3f} .. "
+                         f"{gguf_plan.bits_per_weight(info, high):.3f} bpw)")
     if budget > high:
         raise ValueError(f"budget {budget:,} bytes is above the largest assignment ({high:,} bytes, "
-                         f"{bits_per_weight(info, high):.3f} bpw): nothing to search; raise --types or use F16")
+                         f"{gguf_plan.bits_per_weight(info, high):.3f} bpw): nothing to search; raise --types "
+                         "or use F16")
 
 
-def preset_seeds(info, problem: go.AllocationProblem, budget: int) -> dict[str, dict]:
+def preset_seeds(info, budget: int) -> dict[str, dict]:
     """llama.cpp presets whose real file fits the budget: {name: {types, size_bytes}}."""
     out = {}
     for name in SEED_PRESETS:
@@ -203,6 +282,130 @@ def preset_seeds(info, problem: go.AllocationProblem, budget: int) -> dict[str, 
             out[name] = {"types": types, "size_bytes": size}
     return out
 
+
+@dataclass
+class SearchOutcome:
+    """The GA's answer and the closing table's rows (preset, greedy, GA), all measured."""
+    problem: genetic_optim.AllocationProblem
+    result: genetic_optim.GAResult
+    rows: list[dict]
+    best_preset: str | None
+    time_limit_s: float | None
+
+    @property
+    def tensor_types(self) -> dict[str, str]:
+        return self.problem.types_of(self.result.genome)
+
+
+def search_assignment(args, run: SearchInputs, analyzer: sensitivity.LayerSensitivityAnalyzer,
+                      table: sensitivity_table.SensitivityTable, costs: decode_speed.DecodeCosts | None
+                      ) -> SearchOutcome:
+    """The GA under the budget (and the decode-time limit), seeded with the presets that fit and the greedy and
+    Lagrangian answers; then the closing table: the best preset that fits (as llama-quantize makes it, and
+    with our quantizer), greedy and the GA, each measured end to end."""
+    info, budget = run.info, run.budget_bytes
+    problem = build_problem(info, table, run.allowed_types, costs)
+    check_feasible(problem, info, budget)
+    presets = preset_seeds(info, budget)
+    best_preset = max(presets, key=lambda n: presets[n]["size_bytes"]) if presets else None
+    time_limit_s = None
+    if costs is not None:
+        if best_preset is None:
+            raise ValueError("--max_slowdown needs a llama.cpp preset that fits the budget to compare with")
+        time_limit_s = args.max_slowdown * decode_speed.predicted_decode_s(info, costs,
+                                                                           presets[best_preset]["types"])
+    evaluator = kld.AssignmentEvaluator(analyzer.weights, analyzer.tensors, run.measure_ids, args.batch_size)
+    bar = tqdm(total=args.ga_gen, desc="GA", unit="gen")
+
+    def progress(generation, stats_row):
+        bar.set_postfix_str(f"best KLD {stats_row['best_measured_kld']:.5f}", refresh=False)
+        bar.update()
+
+    ga = genetic_optim.MixedPrecisionGA(
+        problem, budget, pop_size=args.ga_pop, generations=args.ga_gen, measure_fn=evaluator.kld_mean,
+        measures_per_generation=args.ga_measure, seed=args.seed,
+        seed_genomes=[problem.genome_of(p["types"]) for p in presets.values()], time_limit_s=time_limit_s)
+    result = ga.optimize(progress)
+    bar.close()
+    greedy = genetic_optim.greedy_allocation(problem, budget, time_limit_s)
+
+    def row(name, size, kld_predicted, kld_measured, types):
+        tok_s = None if costs is None else 1.0 / decode_speed.predicted_decode_s(info, costs, types)
+        return {"name": name, "size_bytes": size, "bpw": gguf_plan.bits_per_weight(info, size),
+                "kld_predicted": kld_predicted, "kld_measured": kld_measured, "decode_tok_s_predicted": tok_s}
+
+    rows = []
+    if best_preset:
+        p = presets[best_preset]
+        if args.quantizer != "ggml":     # llama.cpp's own recipe as llama-quantize makes it, then with ours
+            rows.append(row(f"preset {best_preset} ggml", p["size_bytes"], None,
+                            evaluator.kld_mean(p["types"], plain=True), p["types"]))
+            analyzer.weights.plain_quantized.clear()
+        rows.append(row(f"preset {best_preset} {args.quantizer}", p["size_bytes"],
+                        problem.predicted_damage(problem.genome_of(p["types"])), evaluator.kld_mean(p["types"]),
+                        p["types"]))
+    for name, genome, kld_measured in (("greedy", greedy, evaluator.kld_mean(problem.types_of(greedy))),
+                                       ("genetic algorithm", result.genome, result.measured_kld)):
+        rows.append(row(name, problem.file_size_bytes(genome), problem.predicted_damage(genome), kld_measured,
+                        problem.types_of(genome)))
+    return SearchOutcome(problem, result, rows, best_preset, time_limit_s)
+
+
+def save_outputs(args, run: SearchInputs, stats: calib_stats.CalibStats, smooth: smoothing.Smoothing,
+                 smooth_records: list[dict], analyzer: sensitivity.LayerSensitivityAnalyzer,
+                 outcome: SearchOutcome, costs: decode_speed.DecodeCosts | None, seconds: dict) -> dict:
+    """The config (types, imatrix, smoothing, the search's record), its JSON twin, the shipped GPTQ tensors
+    and the convergence plot; returns the shipped tensors {name: (type, bytes)}."""
+    out = Path(args.output)
+    imatrix_path = out.with_suffix(".imatrix.gguf")
+    final_types = outcome.tensor_types
+    final_size = gguf_plan.gguf_file_size(run.info, final_types)
+    if final_size != outcome.problem.file_size_bytes(outcome.result.genome) or final_size > run.budget_bytes:
+        raise RuntimeError(f"the search's size accounting ({final_size:,} bytes) disagrees with the budget")
+    result, problem = outcome.result, outcome.problem
+    damage = {n: float(problem.damage[i, result.genome[i]]) for i, n in enumerate(problem.tensor_names)}
+    record = {
+        "model_id": args.model_id, "model_name": run.info.name,
+        "budget": {"size_bytes": run.budget_bytes, "asked_as": run.budget_source},
+        "achieved": {"size_bytes": final_size, "bits_per_weight": gguf_plan.bits_per_weight(run.info, final_size)},
+        "kld_measured": result.measured_kld, "kld_predicted": result.predicted_damage,
+        "measured_on": {"windows": int(run.measure_ids.shape[0]), "seq_len": int(run.measure_ids.shape[1]),
+                        "tokens": int(run.measure_ids.numel())},
+        "baseline_preset": outcome.best_preset, "comparison": outcome.rows,
+        "tensor_damage_predicted": damage,
+        "calibration": {"source": stats.meta["source"], "n_samples": args.n_samples,
+                        "seq_len": args.seq_len, "seed": args.seed, "chat": bool(args.calib_chat)},
+        "smoothing": smooth.to_dict(),
+        "decode_speed": None if costs is None else {
+            "max_slowdown": args.max_slowdown, "time_limit_s": outcome.time_limit_s, "costs": costs.to_dict()},
+        "ga": {"pop": args.ga_pop, "generations": args.ga_gen, "seed": args.seed, "history": result.history},
+        "seconds": seconds,
+    }
+    weights = analyzer.weights
+    im = {spec.name: vec for spec in analyzer.tensors if (vec := weights.imatrix_of(spec)) is not None}
+    shipped = {spec.name: (final_types[spec.name], weights.quantized_bytes(spec, final_types[spec.name]))
+               for spec in analyzer.tensors if weights.feedback_of(spec, final_types[spec.name]) is not None}
+    tensors_path = out.with_suffix(".tensors.gguf")
+    if shipped:
+        config_file.write_quantized_tensors(tensors_path, run.info, shipped)
+        record["quantized_tensors"] = {"path": tensors_path.name,
+                                       "weight_sample_hashes": {n: run.weight_hashes[n] for n in shipped}}
+    elif tensors_path.exists():
+        tensors_path.unlink()                   # a previous run's, which this config does not use
+    record["quantizer"] = args.quantizer
+    if args.quantizer == "gptq":
+        record["refine_sweeps"] = gptq.REFINE_SWEEPS      # the shipped bytes' sweeps (the table's: none)
+    config_file.save_config(out, run.info, final_types, imatrix=im, imatrix_path=str(imatrix_path), extra=record)
+    files.write_json(out.with_suffix(".json"), {
+        **record, "smoothing": smoothing_summary(smooth, smooth_records), "tensor_types": final_types,
+        "imatrix_path": str(imatrix_path)})
+    convergence_plot(result.history, out.with_suffix(".convergence.png"))
+    return shipped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presentation
+# ---------------------------------------------------------------------------------------------------------
 
 def convergence_plot(history: list[dict], path: Path) -> None:
     """Best and mean fitness per generation, and the best measured KLD."""
@@ -220,10 +423,7 @@ def convergence_plot(history: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    files.save_figure(fig, path)
 
 
 def smoothing_summary(smooth: smoothing.Smoothing, records: list[dict]) -> dict:
@@ -231,12 +431,6 @@ def smoothing_summary(smooth: smoothing.Smoothing, records: list[dict]) -> dict:
     of output error smoothed / unscaled over the groups searched (< 1: it helps that type)."""
     return {"mode": smooth.mode, "alpha": smooth.alpha, "groups_rescaled": len(smooth.alpha),
             "error_ratio_by_type": smoothing.type_gains(records)}
-
-
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def print_summary(rows: list[dict], final_types: dict[str, str]) -> None:
@@ -252,167 +446,49 @@ def print_summary(rows: list[dict], final_types: dict[str, str]) -> None:
     counts: dict[str, int] = {}
     for t in final_types.values():
         counts[t] = counts.get(t, 0) + 1
-    print("types chosen: " + ", ".join(f"{t} x{n}" for t, n in
-                                      sorted(counts.items(), key=lambda kv: quant_utils.get_type(kv[0]).bits_per_weight)))
+    by_bits = sorted(counts.items(), key=lambda kv: quant_utils.get_type(kv[0]).bits_per_weight)
+    print("types chosen: " + ", ".join(f"{t} x{n}" for t, n in by_bits))
+
+
+@contextlib.contextmanager
+def timed(seconds: dict, stage: str):
+    """Record a stage's wall time in `seconds`."""
+    t0 = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - t0
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    torch.set_grad_enabled(False)
-    seconds = {}
-    try:
-        t0 = time.perf_counter()
-        model_dir, model_name = resolve_model_dir(args.model_id)
-        info = gguf_plan.load_model_info(model_dir, model_name)
-        budget, budget_source = budget_bytes(args, info)
-        allowed = None if args.types is None else [quant_utils.get_type(t).name for t in args.types.split(",")]
-        max_memory = calib_stats.parse_max_memory(args.max_memory) if args.max_memory else None
-        model, tokenizer = calib_stats.load_model_and_tokenizer(str(model_dir))
-        device = calib_stats.resolve_device(args.device)
-        if device.type == "cpu" or args.smooth != "off":
-            model = model.float()        # smoothing rescales weights in place: in bf16 that would round them
-        source = args.calib_file or args.calib_dataset
-        n_total = args.n_samples + args.kld_samples + args.measure_samples
-        ids = data_utils.get_calib_dataset(source, tokenizer, n_total, args.seq_len, args.seed,
-                                           chat=args.calib_chat)
-        calib_ids = ids[:args.n_samples]
-        holdout_ids = ids[args.n_samples:args.n_samples + args.kld_samples, :args.kld_seq_len]
-        measure_ids = ids[args.n_samples + args.kld_samples:]
-        seconds["load"] = time.perf_counter() - t0
+    seconds: dict[str, float] = {}
+    with cli.reported_errors(ValueError, RuntimeError, OSError), torch.no_grad():
+        with timed(seconds, "load"):
+            run = load_inputs(args)
+        with timed(seconds, "decode_costs"):
+            costs = decode_costs_for(args, run)
+        with timed(seconds, "statistics"):
+            stats = collect_statistics(args, run)
+            imatrix_file.write_model_imatrix(run.model, stats, Path(args.output).with_suffix(".imatrix.gguf"),
+                                             [run.calib_source], args.seq_len)
+        with timed(seconds, "smoothing"):
+            smooth, smooth_records = smooth_model(args, run, stats)
+        with timed(seconds, "sensitivity"):
+            analyzer, table = measure_sensitivity(args, run, stats)
+            table.save(Path(args.output).with_suffix(".sensitivity"))
+            sensitivity_table.plot_heatmap(table, Path(args.output).with_suffix(".sensitivity.png"))
+        with timed(seconds, "search"):
+            outcome = search_assignment(args, run, analyzer, table, costs)
+        shipped = save_outputs(args, run, stats, smooth, smooth_records, analyzer, outcome, costs, seconds)
 
-        t0 = time.perf_counter()
-        menu_args = {"k_menu": allowed, "block32_menu": allowed} if allowed else {}
-        menus = {spec.name: spec.types for spec in go.quantizable_tensors(model, **menu_args)}
-        costs = decode_costs_for(args, model_dir, info, menus)
-        seconds["decode_costs"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        stats = calib_stats.cached_statistics(model, calib_ids, args.device, args.batch_size, args.gram_samples,
-                                              args.cache_dir, args.gram_max_dim)
-        stats.meta["source"] = data_utils.describe_source(source)
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        imatrix_path = out.with_suffix(".imatrix.gguf")
-        arch = calib_stats.GGUF_ARCH_OF_MODEL_TYPE.get(model.config.model_type, "llama")
-        calib_stats.write_imatrix_gguf(stats, calib_stats.imatrix_entries(model, stats), imatrix_path,
-                                       [stats.meta["source"]], args.seq_len, arch)
-        seconds["statistics"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        fingerprints = {name: source_fingerprint(model.get_parameter(name)) for name in menus}   # as exported
-        smooth, smooth_records = smoothing.search_smoothing(model, stats, menus, args.smooth)
-        smoothing.apply_to_model(model, smooth)
-        smoothing.apply_to_statistics(stats, smooth)
-        seconds["smoothing"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        analyzer = go.LayerSensitivityAnalyzer(model, stats, holdout_ids, cache_dir=Path(args.cache_dir) /
-                                               "sensitivity", device=args.device, **menu_args,
-                                               max_memory=max_memory, eval_tokens=measure_ids.numel(),
-                                               quantizer=args.quantizer)
-        print(f"placement: {calib_stats.describe_device_map(analyzer.device_map)}")
-        table = analyzer.run()
-        table.save(out.with_suffix(".sensitivity"))
-        go.plot_heatmap(table, out.with_suffix(".sensitivity.png"))
-        seconds["sensitivity"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        problem = build_problem(info, table, allowed, costs)
-        check_feasible(problem, info, budget)
-        presets = preset_seeds(info, problem, budget)
-        best_preset = max(presets, key=lambda n: presets[n]["size_bytes"]) if presets else None
-        time_limit_s = None
-        if costs is not None:
-            if best_preset is None:
-                raise ValueError("--max_slowdown needs a llama.cpp preset that fits the budget to compare with")
-            time_limit_s = args.max_slowdown * decode_speed.predicted_decode_s(info, costs,
-                                                                               presets[best_preset]["types"])
-        evaluator = go.AssignmentEvaluator(analyzer, measure_ids, args.batch_size)
-        bar = tqdm(total=args.ga_gen, desc="GA", unit="gen")
-
-        def progress(generation, stats_row):
-            bar.set_postfix_str(f"best KLD {stats_row['best_measured_kld']:.5f}", refresh=False)
-            bar.update()
-
-        ga = go.MixedPrecisionGA(problem, budget, pop_size=args.ga_pop, generations=args.ga_gen,
-                                 measure_fn=evaluator.kld_mean, measures_per_generation=args.ga_measure,
-                                 seed=args.seed, seed_genomes=[problem.genome_of(p["types"])
-                                                               for p in presets.values()],
-                                 time_limit_s=time_limit_s)
-        result = ga.optimize(progress)
-        bar.close()
-        greedy = go.greedy_allocation(problem, budget, time_limit_s)
-        tok_s = lambda types: None if costs is None else 1.0 / decode_speed.predicted_decode_s(info, costs, types)
-        rows = []
-        if best_preset:
-            p = presets[best_preset]
-            preset_row = {"size_bytes": p["size_bytes"], "bpw": bits_per_weight(info, p["size_bytes"]),
-                          "kld_predicted": problem.predicted_damage(problem.genome_of(p["types"])),
-                          "decode_tok_s_predicted": tok_s(p["types"])}
-            if args.quantizer != "ggml":     # llama.cpp's own recipe as llama-quantize makes it, then with ours
-                rows.append({"name": f"preset {best_preset} ggml", **preset_row, "kld_predicted": None,
-                             "kld_measured": evaluator.kld_mean(p["types"], plain=True)})
-                analyzer.plain_quantized.clear()
-            rows.append({"name": f"preset {best_preset} {args.quantizer}", **preset_row,
-                         "kld_measured": evaluator.kld_mean(p["types"])})
-        for name, genome, kld in (("greedy", greedy, evaluator.kld_mean(problem.types_of(greedy))),
-                                  ("genetic algorithm", result.genome, result.measured_kld)):
-            size = problem.file_size_bytes(genome)
-            rows.append({"name": name, "size_bytes": size, "bpw": bits_per_weight(info, size),
-                         "kld_predicted": problem.predicted_damage(genome), "kld_measured": kld,
-                         "decode_tok_s_predicted": tok_s(problem.types_of(genome))})
-        seconds["search"] = time.perf_counter() - t0
-
-        final_types = problem.types_of(result.genome)
-        final_size = gguf_plan.gguf_file_size(info, final_types)
-        assert final_size == problem.file_size_bytes(result.genome) <= budget
-        damage = {n: float(problem.damage[i, result.genome[i]]) for i, n in enumerate(problem.tensor_names)}
-        record = {
-            "model_id": args.model_id, "model_name": info.name,
-            "budget": {"size_bytes": budget, "asked_as": budget_source},
-            "achieved": {"size_bytes": final_size, "bits_per_weight": bits_per_weight(info, final_size)},
-            "kld_measured": result.measured_kld, "kld_predicted": result.predicted_damage,
-            "measured_on": {"windows": int(measure_ids.shape[0]), "seq_len": int(measure_ids.shape[1]),
-                            "tokens": int(measure_ids.numel())},
-            "baseline_preset": best_preset, "comparison": rows,
-            "tensor_damage_predicted": damage,
-            "calibration": {"source": stats.meta["source"], "n_samples": args.n_samples,
-                            "seq_len": args.seq_len, "seed": args.seed, "chat": bool(args.calib_chat)},
-            "smoothing": smooth.to_dict(),
-            "decode_speed": None if costs is None else {
-                "max_slowdown": args.max_slowdown, "time_limit_s": time_limit_s, "costs": costs.to_dict()},
-            "ga": {"pop": args.ga_pop, "generations": args.ga_gen, "seed": args.seed, "history": result.history},
-            "seconds": seconds,
-        }
-        imatrix = {spec.name: vec for spec in analyzer.tensors
-                   if (vec := analyzer.imatrix_of(spec)) is not None}
-        shipped = {spec.name: (final_types[spec.name], analyzer.quantized_bytes(spec, final_types[spec.name]))
-                   for spec in analyzer.tensors if analyzer.feedback_of(spec, final_types[spec.name]) is not None}
-        tensors_path = out.with_suffix(".tensors.gguf")
-        if shipped:
-            write_quantized_tensors(tensors_path, info, shipped)
-            record["quantized_tensors"] = {"path": tensors_path.name,
-                                           "fingerprints": {name: fingerprints[name] for name in shipped}}
-        elif tensors_path.exists():
-            tensors_path.unlink()                   # a previous run's, which this config does not use
-        record["quantizer"] = args.quantizer
-        if args.quantizer == "gptq":
-            record["refine_sweeps"] = gptq.REFINE_SWEEPS      # the shipped bytes' sweeps (the table's: none)
-        save_config(out, info, final_types, imatrix=imatrix, imatrix_path=str(imatrix_path), extra=record)
-        write_json({**record, "smoothing": smoothing_summary(smooth, smooth_records), "tensor_types": final_types,
-                    "imatrix_path": str(imatrix_path)}, out.with_suffix(".json"))
-        convergence_plot(result.history, out.with_suffix(".convergence.png"))
-    except (ExportError, data_utils.DataSourceError, ValueError, RuntimeError, OSError) as err:
-        sys.exit(f"error: {err}")
-
-    print_summary(rows, final_types)
-    print(f"budget {budget:,} bytes ({budget_source}); config {out} (+ .json, .convergence.png, "
-          f".sensitivity.*, {imatrix_path.name}" + (f", {tensors_path.name}: {len(shipped)} GPTQ tensors)"
-                                                     if shipped else ")"))
+    out = Path(args.output)
+    print_summary(outcome.rows, outcome.tensor_types)
+    print(f"budget {run.budget_bytes:,} bytes ({run.budget_source}); config {out} (+ .json, .convergence.png, "
+          f".sensitivity.*, {out.with_suffix('.imatrix.gguf').name}"
+          + (f", {out.with_suffix('.tensors.gguf').name}: {len(shipped)} GPTQ tensors)" if shipped else ")"))
     if args.smooth != "off":
         gains = smoothing.type_gains(smooth_records)
-        print(f"smoothing ({args.smooth}): {len(smooth.alpha)} of {len(smoothing.smooth_groups(model))} input "
+        print(f"smoothing ({args.smooth}): {len(smooth.alpha)} of {len(smoothing.smooth_groups(run.model))} input "
               "groups rescaled; output error smoothed/unscaled by type: "
               + ", ".join(f"{t} {g:.3f}" for t, g in gains.items()))
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))

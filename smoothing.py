@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import calib_stats
 from calib_stats import CalibStats
+from model_blocks import block_prefix, decoder, decoder_blocks, is_tied, output_weight_name
 from quant_utils import fake_quantize, get_type
 
 ALPHA_GRID = (0.2, 0.35, 0.5, 0.65, 0.8)
@@ -68,7 +68,7 @@ class Smoothing:
     def is_identity(self) -> bool:
         return not self.columns and not self.rows
 
-    def fingerprint(self) -> str:
+    def scales_hash(self) -> str:
         """Hash of the scales (cache keys of statistics and sensitivities taken after the transform)."""
         h = hashlib.sha256(self.mode.encode())
         for part in (self.columns, self.rows):
@@ -83,7 +83,7 @@ class Smoothing:
                 "rows": {n: v.float().cpu() for n, v in self.rows.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Smoothing":
+    def from_dict(cls, d: dict | None) -> Smoothing:
         if not d:
             return cls()
         return cls({n: torch.as_tensor(v, dtype=torch.float32) for n, v in d.get("columns", {}).items()},
@@ -107,8 +107,8 @@ def smooth_groups(model: nn.Module) -> list[SmoothGroup]:
     cfg = model.config
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    for index, block in enumerate(calib_stats.decoder_blocks(model)):
-        p = calib_stats.block_prefix(model, index)
+    for index, block in enumerate(decoder_blocks(model)):
+        p = block_prefix(model, index)
         attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
         has = lambda mod, *names: mod is not None and all(isinstance(getattr(mod, n, None), nn.Linear)
                                                           for n in names)
@@ -129,10 +129,10 @@ def smooth_groups(model: nn.Module) -> list[SmoothGroup]:
                                       [f"{p}mlp.up_proj.weight"] + ([f"{p}mlp.up_proj.bias"]
                                                                     if mlp.up_proj.bias is not None else []),
                                       [f"{p}mlp.down_proj.weight"]))
-    norm = calib_stats.decoder(model).norm
-    if not calib_stats.is_tied(model) and _is_rms_norm(norm):
+    norm = decoder(model).norm
+    if not is_tied(model) and _is_rms_norm(norm):
         norm_name = next(n for n, m in model.named_modules() if m is norm) + ".weight"
-        groups.append(SmoothGroup("head", "head", None, [norm_name], [calib_stats.output_weight_name(model)]))
+        groups.append(SmoothGroup("head", "head", None, [norm_name], [output_weight_name(model)]))
     return groups
 
 
@@ -307,7 +307,7 @@ def apply_to_model(model: nn.Module, smoothing: Smoothing) -> None:
 
 def apply_to_statistics(stats: CalibStats, smoothing: Smoothing) -> None:
     """The statistics of the transformed model: a consumer's input is x / s, so in_sum2 / s^2 and
-    H / (s s^T); Grams shared by consumers are transformed once. The model fingerprint in `meta` gets the
+    H / (s s^T); Grams shared by consumers are transformed once. The model content hash in `meta` gets the
     transform's, so caches keyed on it never mix smoothed and plain results."""
     done = set()
     for name, s in smoothing.columns.items():
@@ -319,7 +319,8 @@ def apply_to_statistics(stats: CalibStats, smoothing: Smoothing) -> None:
             stats.gram[key] = (g.double() / (s[:, None] * s[None, :]).to(g.device)).to(g.dtype)
             done.add(key)
     if not smoothing.is_identity():
-        stats.meta["model_fingerprint"] = f"{stats.meta.get('model_fingerprint', '')}+smooth-{smoothing.fingerprint()}"
+        stats.meta["model_content_hash"] = (f"{stats.meta.get('model_content_hash', '')}"
+                                            f"+smooth-{smoothing.scales_hash()}")
 
 
 def type_gains(records: list[dict]) -> dict[str, float]:

@@ -26,15 +26,21 @@ import dataclasses
 import sys
 from pathlib import Path
 
-
 import activation_rounding
+import architectures
+import cli
 import compare_report
-import eval_utils
-import gguf_plan
+import comparison
+import runtimes
 import smoothing
-from eval_utils import CompareError
-from export_gguf_official import ExportError, encode_tensor, load_config, plan_from_config, resolve_model_dir
+import workers
+from cli import UserError
+from config_file import load_config
+from gguf_export import encode_tensor, plan_from_config
+from metrics import Quality, evaluate_quality
+from model_blocks import replaced_weights
 from quant_utils import dequantize, get_type
+from reference import reference_key
 
 DEFAULTS = {"model_id": "Qwen/Qwen2.5-7B-Instruct", "config": "mixed_precision_config.pt",
             "n_windows": 16, "max_tokens": 48, "tolerance": 0.05, "activations": "ggml"}
@@ -54,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--activations", choices=("ggml", "float32"), default=DEFAULTS["activations"],
                         help="ggml: round each quantized matmul's input as llama.cpp's CPU backend does; "
                              "float32: leave activations unrounded (weights-only simulation)")
-    eval_utils.add_measurement_args(parser)
+    comparison.add_measurement_args(parser)
     parser.set_defaults(n_windows=DEFAULTS["n_windows"], max_tokens=DEFAULTS["max_tokens"])
     return parser.parse_args(argv)
 
@@ -84,8 +90,8 @@ def check_gguf_follows_plan(gguf_path, plan) -> None:
              for spec in plan.info.tensors if found.get(spec.gguf_name) != plan.stored_types[spec.hf_name]]
     if diffs:
         name, got, want = diffs[0]
-        raise CompareError(f"{gguf_path} was not exported from this config: {len(diffs)} tensors differ "
-                           f"(e.g. {name} is {got}, the config gives {want})")
+        raise UserError(f"{gguf_path} was not exported from this config: {len(diffs)} tensors differ "
+                        f"(e.g. {name} is {got}, the config gives {want})")
 
 
 def measure_simulated(model_dir: Path, plan, windows, reference, prompt_ids, stop_ids, settings,
@@ -93,20 +99,19 @@ def measure_simulated(model_dir: Path, plan, windows, reference, prompt_ids, sto
     """Quality and greedy generations of the original with the plan's fake quantization, in float32, each
     quantized matmul's input rounded as llama.cpp's CPU backend rounds it (unless `round_activations` is off)."""
     import torch
-    import genetic_optim
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(settings.n_threads)
-    device = eval_utils.transformers_device(settings.device)
+    device = runtimes.transformers_device(settings.device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     smoothing.apply_to_model(model, plan.smoothing)     # the config's exact rescaling, as the exporter does
     weights = fake_quantized_weights(plan, model)
     model.to(device)
     activation_types = plan.stored_types if round_activations else {}
-    with genetic_optim.replaced_weights(model, {n: w.to(device) for n, w in weights.items()}), \
+    with replaced_weights(model, {n: w.to(device) for n, w in weights.items()}), \
             activation_rounding.rounded_linear_inputs(model, activation_types):
-        quality = eval_utils.evaluate_quality(eval_utils.transformers_logits_fn(model), windows, reference,
-                                              settings.progress, desc="simulated")
-        generations = [eval_utils.transformers_greedy(model, ids, settings.max_tokens, stop_ids)
+        quality = evaluate_quality(runtimes.transformers_logits_fn(model), windows, reference,
+                                   settings.progress, desc="simulated")
+        generations = [runtimes.transformers_greedy(model, ids, settings.max_tokens, stop_ids)
                        for ids in prompt_ids]
     rounding = "activations rounded as llama.cpp's CPU backend" if round_activations else "float32 activations"
     return quality, generations, f"transformers {device} float32, {rounding}"
@@ -114,17 +119,17 @@ def measure_simulated(model_dir: Path, plan, windows, reference, prompt_ids, sto
 
 def measure_gguf(path, windows, model_dir, prompt_ids, stop_ids, settings):
     """Quality and greedy generations of the GGUF through llama.cpp (same windows, same prompts), in a fresh
-    Python without torch (eval_utils.run_job: one process cannot hold both with CUDA builds). Its speed test
+    Python without torch (workers.run_job: one process cannot hold both with CUDA builds). Its speed test
     is cut to one token: only quality and answers are used here."""
-    key = eval_utils.reference_key(eval_utils.original_reference_source(model_dir, settings), windows,
-                                   settings.reference_dtype)
-    job = eval_utils.ModelJob("GGUF", "gguf", str(path), windows, prompt_ids, stop_ids,
-                              dataclasses.replace(settings, pp_tokens=1, tg_tokens=1, speed_runs=1), key)
+    key = reference_key(comparison.original_reference_source(model_dir, settings), windows,
+                        settings.reference_dtype)
+    job = workers.ModelJob("GGUF", "gguf", str(path), windows, prompt_ids, stop_ids,
+                           dataclasses.replace(settings, pp_tokens=1, tg_tokens=1, speed_runs=1), key)
     import torch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()          # the simulated model's cached memory, for the worker on the same GPU
-    result = eval_utils.run_job(job)
-    return eval_utils.Quality(**result.quality), result.generations
+    result = workers.run_job(job)
+    return Quality(**result.quality), result.generations
 
 
 def relative_difference(a: float, b: float) -> float:
@@ -145,26 +150,25 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     for key, value in vars(args).items():
         print(f"{key:<16} {value}")
-    try:
-        settings = eval_utils.settings_from_args(args)
-        original = eval_utils.load_original(args.model_id)
-        model_dir, name = resolve_model_dir(str(original.model_dir))
-        info = gguf_plan.load_model_info(model_dir, name=name)
+    with cli.reported_errors(ValueError, OSError, status=2):
+        settings = comparison.settings_from_args(args)
+        original = comparison.load_original(args.model_id)
+        info = architectures.load_model_info(original.model_dir, name=original.name)
         plan = plan_from_config(info, load_config(args.config, info), args.imatrix)
         if args.gguf_path is not None:
             if not Path(args.gguf_path).is_file():
-                raise CompareError(f"--gguf_path {args.gguf_path} not found; make it with: python "
-                                   f"export_gguf_official.py --model_id {args.model_id} --config {args.config} "
-                                   f"--output {args.gguf_path}")
-            eval_utils.check_gguf_matches_model(args.gguf_path, original.model_dir, original.tokenizer)
+                raise UserError(f"--gguf_path {args.gguf_path} not found; make it with: python "
+                                f"export_gguf_official.py --model_id {args.model_id} --config {args.config} "
+                                f"--output {args.gguf_path}")
+            comparison.check_gguf_matches_model(args.gguf_path, original.model_dir, original.tokenizer)
             check_gguf_follows_plan(args.gguf_path, plan)
-        windows = eval_utils.load_eval_windows(args.eval_file, original.tokenizer, settings.seq_len,
+        windows = comparison.load_eval_windows(args.eval_file, original.tokenizer, settings.seq_len,
                                                settings.n_windows)
-        prompts = eval_utils.load_prompts(args.prompts)
-        prompt_ids = [eval_utils.chat_prompt_ids(original.tokenizer, p) for p in prompts]
-        stop_ids = eval_utils.stop_token_ids(original.tokenizer, original.model_dir)
+        prompts = comparison.load_prompts(args.prompts)
+        prompt_ids = [comparison.chat_prompt_ids(original.tokenizer, p) for p in prompts]
+        stop_ids = comparison.stop_token_ids(original.tokenizer, original.model_dir)
 
-        reference = eval_utils.reference_for_model(original.model_dir, windows, settings)
+        reference = comparison.reference_for_model(original.model_dir, windows, settings)
         simulated, simulated_ids, device = measure_simulated(original.model_dir, plan, windows, reference,
                                                              prompt_ids, stop_ids, settings,
                                                              args.activations == "ggml")
@@ -173,11 +177,8 @@ def main(argv=None) -> None:
             shipped, texts["GGUF"] = measure_gguf(args.gguf_path, windows, original.model_dir, prompt_ids,
                                                   stop_ids, settings)
             rows.append(("GGUF", shipped))
-    except (CompareError, ExportError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
-    print(f"\nsimulated on {device}; GGUF on {eval_utils.describe_devices(settings).split('; ')[1]}; "
+    print(f"\nsimulated on {device}; GGUF on {comparison.describe_devices(settings).split('; ')[1]}; "
           f"{len(windows)} windows of {settings.seq_len} tokens")
     print(format_rows(rows))
     width = compare_report.terminal_width()

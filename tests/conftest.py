@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import gguf_plan  # noqa: E402
+import gguf_vocab  # noqa: E402
 
 QWEN_TOKENIZER_DIR = ROOT / "models" / "qwen-tokenizer"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -41,7 +41,7 @@ def build_tokenizer(out_dir: Path, style: str, vocab_size: int = 360) -> int:
     tok = Tokenizer(models.BPE())
     if style == "qwen2":
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(gguf_plan._QWEN2_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(gguf_vocab._QWEN2_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -14,6 +14,7 @@ import decode_speed  # noqa: E402
 import gguf_plan  # noqa: E402
 from genetic_optim import MixedPrecisionGA, repair  # noqa: E402
 from test_allocation import synthetic_problem  # noqa: E402
+import architectures  # noqa: E402
 # Decode seconds per token per weight relative to Q8_0, shaped like the H100's (Q3_K and Q6_K slow per byte).
 DELTA = {"Q2_K": -1.5e-13, "Q3_K": 1.2e-13, "Q4_K": -1.5e-13, "Q5_K": -1.0e-13, "Q6_K": 1.3e-13, "Q8_0": 0.0}
 
@@ -21,7 +22,7 @@ DELTA = {"Q2_K": -1.5e-13, "Q3_K": 1.2e-13, "Q4_K": -1.5e-13, "Q5_K": -1.0e-13, 
 def test_cost_model_recovers_its_parameters_and_predicts_a_whole_model(tiny_qwen2):
     """Benchmark rows generated from known costs give those costs back, and the prediction for the real model is
     the all-reference time plus each tensor's weights times its type's delta."""
-    info = gguf_plan.load_model_info(tiny_qwen2)
+    info = architectures.load_model_info(tiny_qwen2)
     one, per_block, layers, w_type = 2e-3, 3e-4, 4, 1_000_000
     rows = [{"type": "Q8_0", "layers": 1, "weights_in_type": w_type // layers, "tok_s": 1 / one},
             {"type": "Q8_0", "layers": layers, "weights_in_type": w_type, "tok_s": 1 / (one + 3 * per_block)}]
@@ -32,7 +33,7 @@ def test_cost_model_recovers_its_parameters_and_predicts_a_whole_model(tiny_qwen
     for t, d in DELTA.items():
         assert costs.delta_s_per_weight[t] == pytest.approx(d, rel=1e-6, abs=1e-20)
     types = gguf_plan.preset_types(info, "Q4_K_M")
-    shapes = gguf_plan.quantizable_tensors(info)
+    shapes = architectures.quantizable_tensors(info)
     lookup = decode_speed.lookup_only_tensors(info)
     assert lookup == {"model.embed_tokens.weight"}           # untied: a row lookup per token
     expected = one + (info.n_layers - 1) * per_block + sum(
@@ -46,7 +47,7 @@ def test_microbenchmark_runs_on_llama_cpp_and_is_cached(tiny_qwen2, tmp_path):
     llama.cpp; the table is cached per widths, types and backend."""
     types = ["Q4_K", "Q4_0", "Q8_0"]
     costs = decode_speed.cached_decode_costs(tiny_qwen2, types, tmp_path, n_threads=2, progress=False)
-    layers = decode_speed.bench_layers(gguf_plan.load_model_info(tiny_qwen2))
+    layers = decode_speed.bench_layers(architectures.load_model_info(tiny_qwen2))
     assert {(m["type"], m["layers"]) for m in costs.measured} == {("Q8_0", 1)} | {(t, layers) for t in types}
     assert all(m["tok_s"] > 0 and m["weights_in_type"] > 0 for m in costs.measured)
     assert set(costs.delta_s_per_weight) == set(types) and costs.delta_s_per_weight["Q8_0"] == 0.0

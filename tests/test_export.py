@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -28,14 +27,18 @@ import gguf_plan  # noqa: E402
 import quant_utils  # noqa: E402
 
 from conftest import CHATML, CORPUS, QWEN_TOKENIZER_DIR, build_model, build_tokenizer  # noqa: E402,F401
+import architectures  # noqa: E402
+import config_file  # noqa: E402
+import gguf_export  # noqa: E402
+import imatrix_file  # noqa: E402
 
 
 def export(model_dir: Path, out: Path, preset: str | None = None, tensor_types: dict | None = None,
-           imatrix=None) -> tuple[Path, exporter.ExportPlan]:
-    info = gguf_plan.load_model_info(model_dir)
-    plan = (exporter.plan_from_preset(info, preset, imatrix) if preset
-            else exporter.plan_from_types(info, tensor_types, imatrix))
-    return exporter.write_gguf(plan, out, progress=False), plan
+           imatrix=None) -> tuple[Path, gguf_export.ExportPlan]:
+    info = architectures.load_model_info(model_dir)
+    plan = (gguf_export.plan_from_preset(info, preset, imatrix) if preset
+            else gguf_export.plan_from_types(info, tensor_types, imatrix))
+    return gguf_export.write_gguf(plan, out, progress=False), plan
 
 
 def hf_model(model_dir: Path):
@@ -236,7 +239,7 @@ def test_preset_matches_llama_quantize(which, preset, request, f32_exports, tmp_
     llama_quantize(f32_exports[which], tmp_path / "theirs.gguf", preset)
     assert_same_tensors(ours, tmp_path / "theirs.gguf")
     if which == "tiny_llama" and preset == "Q4_K_M":  # rows of 192: K-quants fall back as llama.cpp does
-        stored = {gguf_plan.gguf_name(plan.info, n): t for n, t in plan.stored_types.items()}
+        stored = {architectures.gguf_name(plan.info, n): t for n, t in plan.stored_types.items()}
         assert stored["blk.0.attn_q.weight"] == "Q5_0" and stored["token_embd.weight"] == "Q8_0"
         # rows of 512 fit: the use_more_bits layers (last eighth of 4 layers) get Q6_K, the others Q4_K
         assert stored["blk.3.ffn_down.weight"] == "Q6_K" and stored["blk.0.ffn_down.weight"] == "Q4_K"
@@ -245,12 +248,12 @@ def test_preset_matches_llama_quantize(which, preset, request, f32_exports, tmp_
 
 @pytest.mark.parametrize("preset", ["Q4_K_M", "IQ4_XS", "Q4_0"])
 def test_preset_with_imatrix_matches_llama_quantize(preset, tiny_qwen2, f32_exports, tmp_path):
-    info = gguf_plan.load_model_info(tiny_qwen2)
+    info = architectures.load_model_info(tiny_qwen2)
     write_imatrix(tmp_path / "imatrix.gguf", info)
-    imatrix = exporter.load_imatrix(tmp_path / "imatrix.gguf", info)
-    ours, _ = export(tiny_qwen2, tmp_path / "ours.gguf", preset=preset, imatrix=imatrix)
+    importance = imatrix_file.load_imatrix(tmp_path / "imatrix.gguf", info)
+    ours, _ = export(tiny_qwen2, tmp_path / "ours.gguf", preset=preset, imatrix=importance)
     llama_quantize(f32_exports["tiny_qwen2"], tmp_path / "theirs.gguf", preset,
-                   {gguf_plan.gguf_name(info, n): v for n, v in imatrix.items()})
+                   {architectures.gguf_name(info, n): v for n, v in importance.items()})
     assert_same_tensors(ours, tmp_path / "theirs.gguf")
     if preset == "Q4_0":  # with an imatrix llama.cpp gives the first eighth of ffn_down Q4_1
         assert gguf_tensors(ours)["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
@@ -266,7 +269,7 @@ IMATRIX_TYPES = ["IQ2_XXS", "IQ3_XXS", "IQ3_S"]  # (IQ1_M, IQ2_S, IQ2_XS: ggml's
 
 
 def mixed_types(info, types: list[str]) -> dict[str, str]:
-    return {name: types[i % len(types)] for i, name in enumerate(gguf_plan.quantizable_tensors(info))}
+    return {name: types[i % len(types)] for i, name in enumerate(architectures.quantizable_tensors(info))}
 
 
 def source_weights(model_dir: Path) -> dict[str, np.ndarray]:
@@ -274,29 +277,21 @@ def source_weights(model_dir: Path) -> dict[str, np.ndarray]:
     return {n: t.float().numpy() for n, t in load_file(model_dir / "model.safetensors").items()}
 
 
-def permuted(info, name: str, w: np.ndarray) -> np.ndarray:
-    if info.spec.permute_qk and "q_proj" in name:
-        return exporter._permute_rows(w, info.n_heads)
-    if info.spec.permute_qk and "k_proj" in name:
-        return exporter._permute_rows(w, info.n_kv_heads)
-    return w
-
-
 @pytest.mark.parametrize("which", ["tiny_qwen2", "tiny_llama"])
 def test_mixed_gguf_dequantizes_to_fake_quant(which, request, tmp_path):
     model_dir = request.getfixturevalue(which)
-    info = gguf_plan.load_model_info(model_dir)
+    info = architectures.load_model_info(model_dir)
     imatrix = None
     types = mixed_types(info, MIXED_TYPES)
     if which == "tiny_qwen2":  # also the types that need activation statistics, from an imatrix GGUF
         write_imatrix(tmp_path / "imatrix.gguf", info, seed=1)
-        imatrix = exporter.load_imatrix(tmp_path / "imatrix.gguf", info)
+        imatrix = imatrix_file.load_imatrix(tmp_path / "imatrix.gguf", info)
         types = mixed_types(info, MIXED_TYPES + IMATRIX_TYPES)
         types["model.embed_tokens.weight"] = "Q4_K"
     path, plan = export(model_dir, tmp_path / "mixed.gguf", tensor_types=types, imatrix=imatrix)
 
     gguf_plan._METADATA_BYTES.clear()  # measured afresh, not remembered from the export
-    fresh = gguf_plan.load_model_info(model_dir)
+    fresh = architectures.load_model_info(model_dir)
     assert os.path.getsize(path) == gguf_plan.gguf_file_size(fresh, types)
     assert os.path.getsize(path) == gguf_plan.gguf_fixed_bytes(fresh) + sum(
         gguf_plan.gguf_tensor_bytes(fresh, n, t) for n, t in types.items())
@@ -308,7 +303,7 @@ def test_mixed_gguf_dequantizes_to_fake_quant(which, request, tmp_path):
         qtype = plan.stored_types[spec.hf_name]
         assert t.tensor_type.name == qtype
         got = quant_utils.dequantize(np.asarray(t.data).view(np.uint8).reshape(-1), qtype, spec.shape)
-        w = permuted(info, spec.hf_name, weights[spec.hf_name])
+        w = architectures.to_gguf_row_order(info, spec.hf_name, weights[spec.hf_name])
         want = w if not spec.quantizable else quant_utils.fake_quantize(
             w, qtype, imatrix=None if get_float(qtype) else (imatrix or {}).get(spec.hf_name))
         assert np.array_equal(got.view(np.uint32), np.asarray(want, np.float32).view(np.uint32)), spec.gguf_name
@@ -341,7 +336,7 @@ def test_transformers_reads_mixed_gguf_with_our_logits(which, request, tmp_path)
     """An independent reader (transformers' GGUF loader, gguf-py's numpy dequantizers) sees our simulation."""
     from transformers import AutoModelForCausalLM
     model_dir = request.getfixturevalue(which)
-    info = gguf_plan.load_model_info(model_dir)
+    info = architectures.load_model_info(model_dir)
     path, plan = export(model_dir, tmp_path / "mixed.gguf", tensor_types=mixed_types(info, MIXED_TYPES))
     ours = fake_quantized_hf_model(model_dir, plan)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
@@ -394,8 +389,8 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 
 def test_config_for_another_model_is_refused(tiny_qwen2, tiny_llama, tmp_path, capsys):
-    llama_info = gguf_plan.load_model_info(tiny_llama)
-    exporter.save_config(tmp_path / "cfg.pt", llama_info, mixed_types(llama_info, ["Q4_K"]))
+    llama_info = architectures.load_model_info(tiny_llama)
+    config_file.save_config(tmp_path / "cfg.pt", llama_info, mixed_types(llama_info, ["Q4_K"]))
     out = tmp_path / "out" / "x.gguf"
     err = run_main(capsys, "--model_id", str(tiny_qwen2), "--config", str(tmp_path / "cfg.pt"),
                    "--output", str(out))
@@ -404,9 +399,9 @@ def test_config_for_another_model_is_refused(tiny_qwen2, tiny_llama, tmp_path, c
 
 
 def test_config_round_trip_through_the_cli(tiny_llama, tmp_path, capsys):
-    info = gguf_plan.load_model_info(tiny_llama)
+    info = architectures.load_model_info(tiny_llama)
     types = mixed_types(info, ["Q4_K", "Q8_0", "Q6_K"])
-    exporter.save_config(tmp_path / "cfg.pt", info, types)
+    config_file.save_config(tmp_path / "cfg.pt", info, types)
     out = tmp_path / "x.gguf"
     exporter.main(["--model_id", str(tiny_llama), "--config", str(tmp_path / "cfg.pt"), "--output", str(out)])
     printed = capsys.readouterr().out
@@ -415,12 +410,12 @@ def test_config_round_trip_through_the_cli(tiny_llama, tmp_path, capsys):
 
 
 def test_config_imatrix_is_used_by_default(tiny_llama, tmp_path, capsys):
-    info = gguf_plan.load_model_info(tiny_llama)
+    info = architectures.load_model_info(tiny_llama)
     types = mixed_types(info, ["IQ4_NL", "Q4_0", "Q4_K"])
     rng = np.random.default_rng(4)
     imatrix = {n: rng.gamma(0.5, 2.0, cols).astype(np.float32)
-               for n, (_, cols) in gguf_plan.quantizable_tensors(info).items()}
-    exporter.save_config(tmp_path / "cfg.pt", info, types, imatrix=imatrix)
+               for n, (_, cols) in architectures.quantizable_tensors(info).items()}
+    config_file.save_config(tmp_path / "cfg.pt", info, types, imatrix=imatrix)
     out = tmp_path / "x.gguf"
     exporter.main(["--model_id", str(tiny_llama), "--config", str(tmp_path / "cfg.pt"), "--output", str(out)])
     name = "model.layers.1.mlp.up_proj.weight"

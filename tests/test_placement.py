@@ -1,4 +1,4 @@
-"""Placement of a model that does not fit one GPU (calib_stats.place_model, plan_device_map).
+"""Placement of a model that does not fit one GPU (placement.place_model, plan_device_map).
 
 The split itself runs only with CUDA (the H100 run in README: the 7B shape under --max_memory 0=20GiB gives
 the same KLDs as the whole model on the GPU); here the plan, the memory options and the working-memory
@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import calib_stats  # noqa: E402
-import genetic_optim  # noqa: E402
 import make_shaped_model  # noqa: E402
+import model_blocks  # noqa: E402
+import placement  # noqa: E402
 
 GiB = 2**30
 BLOCKS = [(f"model.layers.{i}", 1 * GiB) for i in range(10)]
@@ -28,42 +28,42 @@ def blocks_on(mapping, device):
 
 
 def test_a_model_that_fits_stays_whole_on_the_device():
-    mapping = calib_stats.plan_device_map(RESIDENT, BLOCKS, "cuda:0", {"cuda:0": 20 * GiB}, 8 * GiB)
+    mapping = placement.plan_device_map(RESIDENT, BLOCKS, "cuda:0", {"cuda:0": 20 * GiB}, 8 * GiB)
     assert set(mapping.values()) == {"cuda:0"} and len(mapping) == 11
-    assert calib_stats.describe_device_map(mapping) == "cuda:0 (all)"
+    assert placement.describe_device_map(mapping) == "cuda:0 (all)"
 
 
 def test_blocks_fill_the_gpus_in_order_whole_and_the_rest_is_streamed_from_cpu():
     capacity = {"cuda:0": 15 * GiB, "cuda:1": 11 * GiB}
-    mapping = calib_stats.plan_device_map(RESIDENT, BLOCKS, "cuda:0", capacity, 8 * GiB, 6 * GiB)
+    mapping = placement.plan_device_map(RESIDENT, BLOCKS, "cuda:0", capacity, 8 * GiB, 6 * GiB)
     assert mapping[""] == "cuda:0"                                  # embedding, head: where the compute is
     assert blocks_on(mapping, "cuda:0") == [f"model.layers.{i}" for i in range(5)]      # 15 - 8 - 2
     assert blocks_on(mapping, "cuda:1") == [f"model.layers.{i}" for i in range(5, 10)]  # 11 - 6
-    assert calib_stats.describe_device_map(mapping) == "cuda:0: embeddings, head and 5 blocks; cuda:1: 5 blocks"
+    assert placement.describe_device_map(mapping) == "cuda:0: embeddings, head and 5 blocks; cuda:1: 5 blocks"
 
-    mapping = calib_stats.plan_device_map(RESIDENT, BLOCKS, "cuda:0", {"cuda:0": 13.5 * GiB}, 8 * GiB)
+    mapping = placement.plan_device_map(RESIDENT, BLOCKS, "cuda:0", {"cuda:0": 13.5 * GiB}, 8 * GiB)
     assert len(blocks_on(mapping, "cuda:0")) == 3 and len(blocks_on(mapping, "cpu")) == 7   # no half blocks
     assert blocks_on(mapping, "cpu") == [f"model.layers.{i}" for i in range(3, 10)]
-    assert calib_stats.describe_device_map(mapping) == \
+    assert placement.describe_device_map(mapping) == \
         "cuda:0: embeddings, head and 3 blocks; cpu (streamed to the GPU): 7 blocks"
 
 
 def test_memory_that_cannot_hold_the_model_is_a_clear_error():
     with pytest.raises(ValueError, match="working memory need.*--measure_samples"):
-        calib_stats.plan_device_map(RESIDENT, BLOCKS, "cuda:0", {"cuda:0": 9 * GiB}, 8 * GiB)
+        placement.plan_device_map(RESIDENT, BLOCKS, "cuda:0", {"cuda:0": 9 * GiB}, 8 * GiB)
     with pytest.raises(ValueError, match="no size for cuda:0"):
-        calib_stats.plan_device_map(RESIDENT, BLOCKS, "cuda:0", {"cuda:1": 40 * GiB}, 8 * GiB)
+        placement.plan_device_map(RESIDENT, BLOCKS, "cuda:0", {"cuda:1": 40 * GiB}, 8 * GiB)
     with pytest.raises(ValueError, match="raise --max_memory"):
-        calib_stats.plan_device_map(RESIDENT, BLOCKS, "cuda:0", {"cuda:0": 12 * GiB, "cpu": 4 * GiB}, 8 * GiB)
+        placement.plan_device_map(RESIDENT, BLOCKS, "cuda:0", {"cuda:0": 12 * GiB, "cpu": 4 * GiB}, 8 * GiB)
 
 
 def test_max_memory_reads_accelerates_form():
-    assert calib_stats.parse_max_memory("0=20GiB, 1=1.5GB,cpu=64GiB") == \
+    assert placement.parse_max_memory("0=20GiB, 1=1.5GB,cpu=64GiB") == \
         {"cuda:0": 20 * GiB, "cuda:1": 1_500_000_000, "cpu": 64 * GiB}
     with pytest.raises(ValueError, match="DEVICE=SIZE"):
-        calib_stats.parse_max_memory("20GiB")
+        placement.parse_max_memory("20GiB")
     with pytest.raises(ValueError, match="not a size"):
-        calib_stats.parse_max_memory("0=lots")
+        placement.parse_max_memory("0=lots")
 
 
 def test_working_memory_estimate_covers_the_measured_7b_runs():
@@ -76,18 +76,18 @@ def test_working_memory_estimate_covers_the_measured_7b_runs():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     measured = max(28439 - 14526, 17079 - 2079) * 2**20
-    estimate = genetic_optim.working_bytes(model, 4096, 4096)
+    estimate = placement.working_bytes(model, 4096, 4096)
     assert measured <= estimate <= 1.15 * measured
-    assert genetic_optim.working_bytes(model, 4096, 4096, with_logits=False) < estimate - 4e9
+    assert placement.working_bytes(model, 4096, 4096, with_logits=False) < estimate - 4e9
 
 
 def test_on_the_cpu_the_model_stays_whole(tiny_qwen2):
     from transformers import AutoModelForCausalLM
     tiny_model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
-    mapping = calib_stats.place_model(tiny_model, torch.device("cpu"), {"cpu": 1})
+    mapping = placement.place_model(tiny_model, torch.device("cpu"), {"cpu": 1})
     assert mapping == {"": "cpu"}
     assert {p.device.type for p in tiny_model.parameters()} == {"cpu"}
-    assert all(calib_stats.execution_device(b) == torch.device("cpu") for b in calib_stats.decoder_blocks(tiny_model))
+    assert all(model_blocks.execution_device(b) == torch.device("cpu") for b in model_blocks.decoder_blocks(tiny_model))
 
 
 def test_a_streamed_block_is_held_in_one_buffer(tiny_qwen2):
@@ -96,7 +96,7 @@ def test_a_streamed_block_is_held_in_one_buffer(tiny_qwen2):
     from transformers import AutoModelForCausalLM
     block = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16).model.layers[0]
     before = {n: t.clone() for n, t in block.state_dict().items()}
-    calib_stats.pin_in_one_buffer(block, pin_memory=False)
+    placement.pin_in_one_buffer(block, pin_memory=False)
     after = block.state_dict()
     assert all(torch.equal(before[n], after[n]) and before[n].dtype == after[n].dtype for n in before)
     bases = {t.untyped_storage().data_ptr() for t in after.values()}

@@ -11,6 +11,9 @@ import torch
 import export_gguf_official as exporter
 import gguf_plan
 import mixed_precision_ptq as ptq
+import architectures
+import config_file
+import gguf_export
 
 CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
 FAST = ["--n_samples", "8", "--seq_len", "64", "--kld_samples", "2", "--kld_seq_len", "32",
@@ -26,7 +29,7 @@ def run_search(model_dir: Path, out: Path, cache: Path, *extra: str) -> dict:
 @pytest.fixture(scope="module")
 def searched(tiny_llama, tmp_path_factory):
     base = tmp_path_factory.mktemp("ptq")
-    info = gguf_plan.load_model_info(tiny_llama)
+    info = architectures.load_model_info(tiny_llama)
     q4km = gguf_plan.gguf_file_size(info, gguf_plan.preset_types(info, "Q4_K_M", imatrix_available=True))
     cfg = run_search(tiny_llama, base / "a.pt", base / "cache", "--target_size", str(q4km))
     return tiny_llama, base, q4km, cfg
@@ -34,11 +37,11 @@ def searched(tiny_llama, tmp_path_factory):
 
 def test_config_within_budget_and_exported_file_has_the_promised_size(searched):
     model_dir, base, budget, cfg = searched
-    info = gguf_plan.load_model_info(model_dir)
-    assert set(cfg["tensor_types"]) == set(gguf_plan.quantizable_tensors(info))
+    info = architectures.load_model_info(model_dir)
+    assert set(cfg["tensor_types"]) == set(architectures.quantizable_tensors(info))
     assert cfg["achieved"]["size_bytes"] <= budget == cfg["budget"]["size_bytes"]
     assert cfg["kld_measured"] is not None and cfg["kld_measured"] > 0
-    assert cfg["model_fingerprint"] == gguf_plan.model_fingerprint(info)
+    assert cfg["shape_signature"] == architectures.shape_signature(info)
     assert len(cfg["ga"]["history"]) == 3
     exporter.main(["--model_id", str(model_dir), "--config", str(base / "a.pt"), "--output",
                    str(base / "mixed.gguf")])
@@ -66,15 +69,17 @@ def test_infeasible_budget_prints_the_feasible_range(searched, flag, value, caps
     model_dir, base, _, _ = searched
     with pytest.raises(SystemExit) as exc:
         run_search(model_dir, base / "bad.pt", base / "cache", flag, value)
-    assert "feasible range" in str(exc.value) or "above the largest" in str(exc.value)
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and ("feasible range" in err or "above the largest" in err)
     assert not (base / "bad.pt").exists()
 
 
-def test_config_for_another_model_is_refused_by_the_exporter(searched, tiny_qwen2, tmp_path):
+def test_config_for_another_model_is_refused_by_the_exporter(searched, tiny_qwen2, tmp_path, capsys):
     _, base, _, _ = searched
     with pytest.raises(SystemExit) as exc:
         exporter.main(["--model_id", str(tiny_qwen2), "--config", str(base / "a.pt"),
                        "--output", str(tmp_path / "x.gguf")])
+    assert exc.value.code == 1 and "was made for another model" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -116,15 +121,6 @@ def test_smooth_strength_must_be_off_auto_or_in_the_unit_interval(searched, caps
     assert exc.value.code == 2 and "--smooth takes off, auto or a number in (0, 1)" in capsys.readouterr().err
 
 
-def shipped_in_gguf_order(info, name: str, rows: np.ndarray) -> np.ndarray:
-    """The tensor file's byte rows (HF order) in the order the exporter writes them (Llama's q/k permutation)."""
-    if info.spec.permute_qk and name.endswith("q_proj.weight"):
-        return exporter._permute_rows(rows, info.n_heads)
-    if info.spec.permute_qk and name.endswith("k_proj.weight"):
-        return exporter._permute_rows(rows, info.n_kv_heads)
-    return rows
-
-
 def test_gptq_tensors_ship_as_searched_and_the_simulation_reads_them(searched, tmp_path):
     """The default quantizer is GPTQ: every decoder linear (each has a Gram) ships from the tensor file; the
     exported GGUF holds exactly those bytes, and test_mixed_precision's simulation decodes the same bytes."""
@@ -132,23 +128,23 @@ def test_gptq_tensors_ship_as_searched_and_the_simulation_reads_them(searched, t
     from transformers import AutoModelForCausalLM
     import test_mixed_precision as simulate
     model_dir, base, _, cfg = searched
-    info = gguf_plan.load_model_info(model_dir)
+    info = architectures.load_model_info(model_dir)
     assert cfg["quantizer"] == "gptq"
-    shipped = cfg["quantized_tensors"]["fingerprints"]
-    assert set(shipped) == {n for n in gguf_plan.quantizable_tensors(info) if ".layers." in n}
+    shipped = cfg["quantized_tensors"]["weight_sample_hashes"]
+    assert set(shipped) == {n for n in architectures.quantizable_tensors(info) if ".layers." in n}
     exporter.main(["--model_id", str(model_dir), "--config", str(base / "a.pt"), "--output", str(tmp_path / "m.gguf")])
     tensor_file = {t.name: t for t in gguf.GGUFReader(base / "a.tensors.gguf").tensors}
     written = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     for name in shipped:
-        g = gguf_plan.gguf_name(info, name)
+        g = architectures.gguf_name(info, name)
         assert written[g].tensor_type == tensor_file[g].tensor_type
         assert np.array_equal(np.asarray(written[g].data),
-                              shipped_in_gguf_order(info, name, np.asarray(tensor_file[g].data)))
-    plan = exporter.plan_from_config(info, exporter.load_config(base / "a.pt", info))
+                              architectures.to_gguf_row_order(info, name, np.asarray(tensor_file[g].data)))
+    plan = gguf_export.plan_from_config(info, config_file.load_config(base / "a.pt", info))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     simulated = simulate.fake_quantized_weights(plan, model)
     for name in [n for n in shipped if n.endswith(("k_proj.weight", "down_proj.weight"))]:
-        t = tensor_file[gguf_plan.gguf_name(info, name)]
+        t = tensor_file[architectures.gguf_name(info, name)]
         assert np.array_equal(simulated[name].numpy(), gguf.quants.dequantize(np.asarray(t.data), t.tensor_type))
 
 
@@ -161,7 +157,7 @@ def test_gptq_tensors_from_another_checkpoint_or_missing_are_refused(searched, t
     other = tmp_path / "other"
     shutil.copytree(model_dir, other)
     weights = load_file(other / "model.safetensors")
-    name = next(iter(cfg["quantized_tensors"]["fingerprints"]))
+    name = next(iter(cfg["quantized_tensors"]["weight_sample_hashes"]))
     weights[name] = weights[name] * 1.01
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SystemExit):

@@ -2,6 +2,7 @@
 fed real WikiText tokens, with ggml's own quantizers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,8 +14,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import calib_stats  # noqa: E402
-import genetic_optim  # noqa: E402
 from quant_utils import dequantize, fake_quantize  # noqa: E402
+import imatrix_file  # noqa: E402
+import kld  # noqa: E402
+import model_blocks  # noqa: E402
+import quantized_weights  # noqa: E402
+import sensitivity  # noqa: E402
+import sensitivity_table  # noqa: E402
 
 WIKI = REPO.parent / "shared" / "data" / "wikitext-2"
 TOKENIZER_DIR = REPO / "models" / "smollm2-135m-instruct"
@@ -69,13 +75,13 @@ def linear_inputs(model, ids, names):
 
 
 def test_candidate_menus_fall_back_to_32_weight_blocks():
-    assert genetic_optim.candidate_types(576) == genetic_optim.BLOCK32_MENU
-    assert genetic_optim.candidate_types(1536) == genetic_optim.K_MENU
-    assert "Q4_0" in genetic_optim.candidate_types(64) and "Q4_K" not in genetic_optim.candidate_types(64)
+    assert quantized_weights.candidate_types(576) == quantized_weights.BLOCK32_MENU
+    assert quantized_weights.candidate_types(1536) == quantized_weights.K_MENU
+    assert "Q4_0" in quantized_weights.candidate_types(64) and "Q4_K" not in quantized_weights.candidate_types(64)
     # --types gives one list as both menus: rows K-blocks fit take all of it, the others its 32-block part
     types = ("Q4_K", "Q5_K", "Q5_0", "Q5_1", "Q8_0")
-    assert genetic_optim.candidate_types(1536, types, types) == types
-    assert genetic_optim.candidate_types(576, types, types) == ("Q5_0", "Q5_1", "Q8_0")
+    assert quantized_weights.candidate_types(1536, types, types) == types
+    assert quantized_weights.candidate_types(576, types, types) == ("Q5_0", "Q5_1", "Q8_0")
 
 
 def test_gram_output_error_equals_measured_output_mse(tied_setup, windows):
@@ -92,8 +98,8 @@ def test_gram_output_error_equals_measured_output_mse(tied_setup, windows):
         weight = model.get_submodule(name.removesuffix(".weight")).weight.detach()
         new_weight = fake_quantize(weight, qtype, stats.imatrix(name))
         gram, n_tokens = stats.gram_of(name)
-        err = genetic_optim.gram_output_error(weight, new_weight, gram)
-        energy = genetic_optim.gram_output_energy(weight, gram)
+        err = sensitivity.gram_output_error(weight, new_weight, gram)
+        energy = sensitivity.gram_output_energy(weight, gram)
         x = inputs[name]
         dw = (new_weight.double() - weight.double())
         measured_mse = (x @ dw.T).square().sum().item() / x.shape[0]
@@ -107,28 +113,28 @@ def test_gram_output_error_equals_measured_output_mse(tied_setup, windows):
 
 def test_single_tensor_kld_is_zero_unquantized_and_grows_as_bits_fall(tied_setup):
     model, stats, holdout = tied_setup
-    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
     specs = {s.name: s for s in analyzer.tensors}
     for name, ladder in {"model.layers.0.mlp.down_proj.weight": ("Q8_0", "Q4_K", "Q2_K"),
                          "model.layers.1.self_attn.q_proj.weight": ("Q8_0", "Q5_0", "Q4_0"),
                          "model.embed_tokens.weight": ("Q8_0", "Q5_0", "Q4_0")}.items():
         weight = model.get_parameter(name).detach().clone()
         assert analyzer.kld_mean({name: weight}) == 0.0, name
-        klds = [analyzer.kld_mean({name: analyzer.quantized_weight(specs[name], t)}) for t in ladder]
+        klds = [analyzer.kld_mean({name: analyzer.weights.quantized_weight(specs[name], t)}) for t in ladder]
         assert 0 < klds[0] < klds[1] < klds[2], (name, klds)
 
 
 def test_cached_tail_kld_matches_a_full_forward(tied_setup):
     """Recomputing only from the perturbed block, batched, gives the KL of two ordinary forward passes."""
     model, stats, holdout = tied_setup
-    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_batch_size=3,
-                                                      progress=False)
+    analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_batch_size=3,
+                                                    progress=False)
     name = "model.layers.1.self_attn.o_proj.weight"
     spec = next(s for s in analyzer.tensors if s.name == name)
-    new_weight = analyzer.quantized_weight(spec, "Q4_0")
+    new_weight = analyzer.weights.quantized_weight(spec, "Q4_0")
     with torch.no_grad():
         ref = torch.log_softmax(model(holdout).logits.double(), -1)
-        with genetic_optim.replaced_weights(model, {name: new_weight}):
+        with model_blocks.replaced_weights(model, {name: new_weight}):
             quant = torch.log_softmax(model(holdout).logits.double(), -1)
     direct = (ref.exp() * (ref - quant)).sum(-1).mean().item()
     assert abs(analyzer.kld_mean({name: new_weight}) - direct) / direct < 1e-3
@@ -141,9 +147,9 @@ def test_imatrix_gguf_round_trips_through_gguf_py(windows, tmp_path):
     model = tiny_llama(tied=False, seed=1)
     stats = calib_stats.collect_statistics(model, calib, device="cpu", batch_size=4, with_gram=False,
                                            progress=False)
-    names = calib_stats.imatrix_entries(model, stats)
+    names = imatrix_file.imatrix_entries(model, stats)
     path = tmp_path / "tiny.imatrix.gguf"
-    calib_stats.write_imatrix_gguf(stats, names, path, datasets=["wiki.valid.tokens"], chunk_size=SEQ_LEN)
+    imatrix_file.write_imatrix_gguf(stats, names, path, datasets=["wiki.valid.tokens"], chunk_size=SEQ_LEN)
 
     reader = gguf.GGUFReader(str(path))
     assert reader.get_field("general.type").contents() == "imatrix"
@@ -165,7 +171,7 @@ def test_imatrix_gguf_round_trips_through_gguf_py(windows, tmp_path):
 
 def test_tied_head_has_no_imatrix_entry(tied_setup):
     model, stats, _ = tied_setup
-    names = calib_stats.imatrix_entries(model, stats)
+    names = imatrix_file.imatrix_entries(model, stats)
     assert "output.weight" not in names.values() and "token_embd.weight" not in names.values()
     assert len(names) == 14
 
@@ -175,16 +181,16 @@ def test_tied_embedding_is_quantized_with_the_head_imatrix(tied_setup, windows):
     embedding weights its columns by the final hidden state's energy; an untied embedding, a pure lookup,
     gets none."""
     model, stats, holdout = tied_setup
-    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
     embed = next(s for s in analyzer.tensors if s.is_embedding)
     assert embed.feeds_logits
-    head_imatrix = stats.imatrix(calib_stats.output_weight_name(model))
-    assert torch.equal(analyzer.imatrix_of(embed), head_imatrix)
+    head_imatrix = stats.imatrix(model_blocks.output_weight_name(model))
+    assert torch.equal(analyzer.weights.imatrix_of(embed), head_imatrix)
     assert head_imatrix.std() > 0.1 * head_imatrix.mean()      # not uniform: the weighting changes the result
     weight = model.get_input_embeddings().weight.detach()
-    assert not torch.equal(analyzer.quantized_weight(embed, "Q4_0"), fake_quantize(weight, "Q4_0"))
-    untied = genetic_optim.quantizable_tensors(tiny_llama(tied=False))
-    assert genetic_optim.quantizer_imatrix(untied[0], stats, "lm_head.weight") is None
+    assert not torch.equal(analyzer.weights.quantized_weight(embed, "Q4_0"), fake_quantize(weight, "Q4_0"))
+    untied = quantized_weights.quantizable_weights(tiny_llama(tied=False))
+    assert quantized_weights.quantizer_imatrix(untied[0], stats, "lm_head.weight") is None
 
 
 def test_interrupted_run_resumes_without_recomputing(tied_setup, tmp_path):
@@ -203,8 +209,8 @@ def test_interrupted_run_resumes_without_recomputing(tied_setup, tmp_path):
         return on_entry
 
     def analyzer():
-        return genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, cache_dir=tmp_path, device="cpu",
-                                                      kld_types=("Q4_0", "Q4_K"), progress=False)
+        return sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, cache_dir=tmp_path, device="cpu",
+                                                    kld_types=("Q4_0", "Q4_K"), progress=False)
 
     first = analyzer()
     with pytest.raises(Interrupted):
@@ -216,29 +222,29 @@ def test_interrupted_run_resumes_without_recomputing(tied_setup, tmp_path):
     assert second.n_computed == n_pairs - 25
     third = analyzer()
     assert third.run().entries == table.entries and third.n_computed == 0
-    assert all(e["kld_pred"] is not None for e in table.entries)
-    assert all(e["kld_mean"] is not None for e in table.entries if e["type"] in ("Q4_0", "Q4_K"))
+    assert all(e.kld_pred is not None for e in table.entries)
+    assert all(e.kld_mean is not None for e in table.entries if e.type in ("Q4_0", "Q4_K"))
 
 
 def test_table_files_and_additivity_report(tied_setup, tmp_path):
     model, stats, holdout = tied_setup
-    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_types="all",
-                                                      progress=False)
+    analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_types="all",
+                                                    progress=False)
     analyzer.tensors = analyzer.tensors[1:5]         # four block-0 linears keep it quick
     table = analyzer.run()
     pt_path, json_path = table.save(tmp_path / "sens")
     loaded = torch.load(pt_path, weights_only=True)
     assert loaded["kld_mean"].shape == (4, len(loaded["types"]))
     assert not loaded["kld_mean"].isnan().any()
-    assert json.loads(json_path.read_text())["entries"] == table.entries
-    genetic_optim.plot_heatmap(table, tmp_path / "sens.png")
+    assert json.loads(json_path.read_text())["entries"] == [dataclasses.asdict(e) for e in table.entries]
+    sensitivity_table.plot_heatmap(table, tmp_path / "sens.png")
     assert (tmp_path / "sens.png").stat().st_size > 1000
-    assignments = genetic_optim.random_assignments(table, 4, seed=0)
-    report = genetic_optim.additivity_report(analyzer, table, assignments)
+    assignments = kld.random_assignments(table, 4, seed=0)
+    report = kld.additivity_report(analyzer, table, assignments)
     assert len(report["measured"]) == 4 and all(m > 0 for m in report["measured"])
     assert -1.0 <= report["spearman"] <= 1.0
-    assert genetic_optim.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
-    assert genetic_optim.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert kld.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kld.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
 
 
 @pytest.mark.parametrize("name, qtype", [("model.layers.0.mlp.up_proj.weight", "Q5_0"),
@@ -248,20 +254,20 @@ def test_table_measures_gptq_drafts_and_the_search_ships_them_refined(tied_setup
     ships is the draft after the sweep, bit for bit gptq.quantize's, with a lower output error."""
     import gptq
     model, stats, holdout = tied_setup
-    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_types="none",
-                                                      progress=False)
+    analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_types="none",
+                                                    progress=False)
     spec = next(s for s in analyzer.tensors if s.name == name)
     weight = model.get_parameter(name).detach()
-    feedback = analyzer.feedback_of(spec, qtype)
+    feedback = analyzer.weights.feedback_of(spec, qtype)
     entry, _ = analyzer.measure_errors(spec, qtype)
-    assert analyzer.draft_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback, sweeps=0)
-    assert entry["rel_out_err"] == analyzer.output_error(spec, analyzer.draft_weight(spec, qtype))["rel_out_err"]
-    assert analyzer.quantized_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback)
-    assert (name, qtype) not in analyzer.drafts                 # refined: the draft left memory
-    shipped_err = analyzer.output_error(spec, analyzer.quantized_weight(spec, qtype))["rel_out_err"]
-    assert shipped_err < entry["rel_out_err"]
-    analyzer.quantized.clear()                                  # as after resuming from a cached table
-    assert analyzer.quantized_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback)
+    assert analyzer.weights.draft_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback, sweeps=0)
+    assert entry.rel_out_err == analyzer.output_error(spec, analyzer.weights.draft_weight(spec, qtype))["rel_out_err"]
+    assert analyzer.weights.quantized_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback)
+    assert (name, qtype) not in analyzer.weights.drafts                 # refined: the draft left memory
+    shipped_err = analyzer.output_error(spec, analyzer.weights.quantized_weight(spec, qtype))["rel_out_err"]
+    assert shipped_err < entry.rel_out_err
+    analyzer.weights.quantized.clear()                                  # as after resuming from a cached table
+    assert analyzer.weights.quantized_bytes(spec, qtype) == gptq.quantize(weight, qtype, feedback)
 
 
 def test_statistics_save_and_load_with_weights_only(tied_setup, tmp_path):
@@ -276,10 +282,10 @@ def test_statistics_save_and_load_with_weights_only(tied_setup, tmp_path):
 def test_stacked_block_klds_equal_one_at_a_time(tied_setup):
     """Several perturbations of one block run as one stacked batch give each one's own KLD."""
     model, stats, holdout = tied_setup
-    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_batch_size=2,
-                                                      kld_stack=3, progress=False)
+    analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", kld_batch_size=2,
+                                                    kld_stack=3, progress=False)
     specs = [s for s in analyzer.tensors if s.block == 0]
-    variants = [{s.name: analyzer.quantized_weight(s, "Q4_0")} for s in specs[:4]]
+    variants = [{s.name: analyzer.weights.quantized_weight(s, "Q4_0")} for s in specs[:4]]
     variants.append({specs[0].name: model.get_parameter(specs[0].name).detach().clone()})
     stacked = analyzer.kld_means_in_block(0, variants)
     single = [analyzer.kld_mean(v) for v in variants]
@@ -290,10 +296,10 @@ def test_stacked_block_klds_equal_one_at_a_time(tied_setup):
 
 def test_error_inversions_flag_a_tensor_for_full_kld_measurement():
     def entry(tensor, qtype, bits, err):
-        return {"tensor": tensor, "type": qtype, "bits_per_weight": bits, "rel_out_err": err}
+        return sensitivity_table.SensitivityEntry(tensor, qtype, "down_proj", 0, bits, 0, err, 1, 0.0)
     regular = [entry("a", "Q2_K", 2.6, 4e-2), entry("a", "Q4_K", 4.5, 3e-3), entry("a", "Q6_K", 6.6, 2e-4)]
     inverted = [entry("b", "Q2_K", 2.6, 8e-5), entry("b", "Q3_K", 3.4, 3e-3), entry("b", "Q4_K", 4.5, 5e-6)]
-    assert genetic_optim.irregular_tensors(regular + inverted) == {"b"}
+    assert sensitivity_table.irregular_tensors(regular + inverted) == {"b"}
 
 
 def test_activation_rounding_terms_are_measured_per_format_and_cached(tied_setup, tmp_path):
@@ -305,9 +311,9 @@ def test_activation_rounding_terms_are_measured_per_format_and_cached(tied_setup
     import quant_utils
     model, stats, holdout = tied_setup
 
-    def analyzer(block32_menu=genetic_optim.BLOCK32_MENU):
-        return genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, cache_dir=tmp_path, device="cpu",
-                                                      block32_menu=block32_menu, progress=False)
+    def analyzer(block32_menu=quantized_weights.BLOCK32_MENU):
+        return sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, cache_dir=tmp_path, device="cpu",
+                                                    block32_menu=block32_menu, progress=False)
     table = analyzer().run()
     an = analyzer()
     specs = {s.name: s for s in an.tensors}
@@ -319,17 +325,17 @@ def test_activation_rounding_terms_are_measured_per_format_and_cached(tied_setup
     by_key = table.lookup()
     for t in down.types:
         fmt = activation_rounding.value_format(quant_utils.activation_type(t))
-        act = by_key[(down.name, t)]["act_kld"]
+        act = by_key[(down.name, t)].act_kld
         assert act > 0 and act == an.cache.get(down.name, f"act_{fmt}")["kld_mean"]
-        assert genetic_optim.entry_damage(by_key[(down.name, t)]) == by_key[(down.name, t)]["kld_pred"] + act
+        assert by_key[(down.name, t)].damage == by_key[(down.name, t)].kld_pred + act
     for spec in (q_proj, embd):
-        assert all(by_key[(spec.name, t)]["act_kld"] == 0.0 for t in spec.types)
+        assert all(by_key[(spec.name, t)].act_kld == 0.0 for t in spec.types)
         assert an.cache.get(spec.name, "act_Q8_0") is None
     rerun = analyzer()
     assert rerun.run().entries == table.entries and rerun.n_computed == 0
 
     # With F16 on the 32-block menu the input is rounded (Q8_0) or not (F16): the Q8_0 term is measured.
-    wide = analyzer(("F16",) + genetic_optim.BLOCK32_MENU)
+    wide = analyzer(("F16",) + quantized_weights.BLOCK32_MENU)
     embd_f16 = next(s for s in wide.tensors if s.is_embedding)
     assert wide.activation_formats(embd_f16) == ["Q8_0"]
     act = wide.activation_klds([embd_f16])[(embd.name, "Q8_0")]
@@ -341,8 +347,8 @@ def test_activation_rounding_terms_are_measured_per_format_and_cached(tied_setup
 
 def test_assignment_kld_includes_llama_cpp_activation_rounding(tied_setup):
     model, stats, holdout = tied_setup
-    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
-    evaluator = genetic_optim.AssignmentEvaluator(analyzer, holdout, batch_size=2)
+    analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    evaluator = kld.AssignmentEvaluator(analyzer.weights, analyzer.tensors, holdout, batch_size=2)
     assert evaluator.kld_mean({s.name: "F32" for s in analyzer.tensors}) == 0.0
     q8 = {s.name: "Q8_0" for s in analyzer.tensors}
     weights_only = analyzer.kld_mean({n: evaluator.weight(n, t) for n, t in q8.items()})
@@ -360,12 +366,12 @@ def test_bf16_model_measures_like_its_float32_copy(windows):
     stats = calib_stats.collect_statistics(fp32, calib, device="cpu", batch_size=4, progress=False)
     results = []
     for model in (bf16, fp32):
-        analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+        analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
         assert next(analyzer.model.parameters()).dtype == model.dtype     # no float32 copy of the model
         spec = next(s for s in analyzer.tensors if s.kind == "down_proj")
         entry, new_weight = analyzer.measure_errors(spec, "Q4_K")
         klds = analyzer.kld_means_in_block(spec.block, [{spec.name: new_weight}], [{spec.name: "Q8_K"}])
-        results.append((entry["rel_out_err"], klds[0], analyzer.kld_mean({spec.name: new_weight})))
+        results.append((entry.rel_out_err, klds[0], analyzer.kld_mean({spec.name: new_weight})))
     assert bf16.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16   # put back after each run
     (err_bf16, rounded_bf16, kld_bf16), (err_fp32, rounded_fp32, kld_fp32) = results
     assert err_bf16 == err_fp32
@@ -383,13 +389,13 @@ def test_wide_inputs_get_no_gram_and_a_diagonal_output_error(windows):
                                            progress=False)
     down = "model.layers.0.mlp.down_proj.weight"                  # reads the 256-wide FFN activation
     assert down not in stats.gram_key and "model.layers.0.mlp.up_proj.weight" in stats.gram_key
-    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
     spec = next(s for s in analyzer.tensors if s.name == down)
     entry, new_weight = analyzer.measure_errors(spec, "Q4_K")
     w = model.get_parameter(down).detach().double()
     h = stats.in_sum2[down].double() / stats.counts[down]
     expected = float(((new_weight.double() - w).square().sum(0) * h).sum() / (w.square().sum(0) * h).sum())
-    assert entry["out_err_diagonal"] and entry["rel_out_err"] == pytest.approx(expected, rel=1e-9)
+    assert entry.out_err_diagonal and entry.rel_out_err == pytest.approx(expected, rel=1e-9)
     menus = {s.name: s.types for s in analyzer.tensors}
     smooth, records = smoothing.search_smoothing(model, stats, menus, "auto", progress=False)
     assert records and not any(r["kind"] == "up_down" for r in records)
@@ -399,15 +405,15 @@ def test_row_sample_errors_are_the_whole_tensors_rows(tied_setup, monkeypatch):
     """A row sample is quantized bit for bit like those rows of the whole tensor (ggml quantizes rows
     independently), so a sampled output error is the whole-tensor error restricted to the sample."""
     model, stats, holdout = tied_setup
-    monkeypatch.setattr(genetic_optim, "SAMPLE_ABOVE_WEIGHTS", 1000)
-    monkeypatch.setattr(genetic_optim, "SAMPLE_WEIGHTS", 2048)
-    analyzer = genetic_optim.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    monkeypatch.setattr(sensitivity, "SAMPLE_ABOVE_WEIGHTS", 1000)
+    monkeypatch.setattr(sensitivity, "SAMPLE_WEIGHTS", 2048)
+    analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
     spec = next(s for s in analyzer.tensors if s.kind == "gate_proj")
     rows = analyzer.error_rows(spec)
     assert rows is not None and 0 < rows.numel() < spec.shape[0]
     sampled, none = analyzer.measure_errors(spec, "Q4_0", whole=False)
     whole_entry, whole = analyzer.measure_errors(spec, "Q4_0", whole=True)
-    assert none is None and sampled["error_rows"] == rows.numel() == whole_entry["error_rows"]
-    sample_bytes = analyzer.encode(spec, "Q4_0", rows, sweeps=0)   # the table's GPTQ draft: rows are independent
+    assert none is None and sampled.error_rows == rows.numel() == whole_entry.error_rows
+    sample_bytes = analyzer.weights.encode(spec, "Q4_0", rows, sweeps=0)   # the table's draft: rows independent
     assert torch.equal(torch.from_numpy(dequantize(sample_bytes, "Q4_0", (rows.numel(), spec.shape[1]))), whole[rows])
-    assert sampled["rel_out_err"] == whole_entry["rel_out_err"]
+    assert sampled.rel_out_err == whole_entry.rel_out_err

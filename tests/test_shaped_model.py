@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import make_shaped_model  # noqa: E402
+import architectures  # noqa: E402
 
 
 def test_qwen7b_shape_is_the_published_config():
@@ -40,7 +41,6 @@ def test_shaped_checkpoint_loads_with_the_real_tokenizer(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert len(tokenizer) >= 151643 and tokenizer("Hello world")["input_ids"]
     sys.path.insert(0, str(ROOT))
-    import gguf_plan
-    info = gguf_plan.load_model_info(out)
+    info = architectures.load_model_info(out)
     assert info.n_vocab == 151936 and info.tied
     assert json.loads((out / "shape.json").read_text())["random_weights"] is True

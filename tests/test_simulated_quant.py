@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import export_gguf_official as exporter
-import gguf_plan
 import test_mixed_precision as simulate
+import architectures
+import config_file
 
 REPO = Path(__file__).resolve().parents[1]
 WIKI_TEST = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.test.tokens"
@@ -31,12 +32,12 @@ FAST = ["--eval_file", str(WIKI_TEST), "--seq_len", "256", "--n_windows", "6", "
 def write_config(model_dir: Path, path: Path, offset: int = 0, menu=MENU, with_imatrix: bool = True) -> dict:
     """A config cycling every tensor through `menu` (fallbacks where a row does not fit), with a positive imatrix
     per tensor that is far from uniform, so a simulation that dropped it would quantize differently."""
-    info = gguf_plan.load_model_info(model_dir)
-    shapes = gguf_plan.quantizable_tensors(info)
+    info = architectures.load_model_info(model_dir)
+    shapes = architectures.quantizable_tensors(info)
     rng = np.random.default_rng(offset)
     types = {name: menu[(i + offset) % len(menu)] for i, name in enumerate(sorted(shapes))}
     imatrix = {name: rng.lognormal(0.0, 1.5, shape[1]).astype(np.float32) for name, shape in shapes.items()}
-    exporter.save_config(path, info, types, imatrix=imatrix if with_imatrix else None)
+    config_file.save_config(path, info, types, imatrix=imatrix if with_imatrix else None)
     return types
 
 
@@ -101,9 +102,9 @@ def test_high_bit_config_agrees_only_with_activations_rounded_as_llama_cpp(expor
 def test_simulation_without_the_imatrix_is_not_what_ships(exported, tmp_path, capsys):
     """The check can fail: simulating the same types without the config's imatrix misses the GGUF's KLD."""
     model_dir, base = exported
-    info = gguf_plan.load_model_info(model_dir)
-    cfg = exporter.load_config(base / "mixed.pt", info)
-    exporter.save_config(tmp_path / "no_imatrix.pt", info, cfg["tensor_types"])
+    info = architectures.load_model_info(model_dir)
+    cfg = config_file.load_config(base / "mixed.pt", info)
+    config_file.save_config(tmp_path / "no_imatrix.pt", info, cfg["tensor_types"])
     with pytest.raises(SystemExit) as exc:
         simulate.main(["--model_id", str(model_dir), "--config", str(tmp_path / "no_imatrix.pt"),
                        "--gguf_path", str(base / "mixed.gguf"), "--cache_dir", str(base / "cache"),

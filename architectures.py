@@ -1,0 +1,311 @@
+"""Architecture facts: the one table every stage reads (exporter, size accounting, block walker, smoothing).
+
+From a Hugging Face checkpoint directory (config.json and safetensors headers; never the weights) this module
+says which tensors the GGUF will hold, what llama.cpp calls them (gguf-py's TensorNameMap), their shapes, the
+RoPE settings, and in which row order llama.cpp wants q/k. Adding a family means adding a row to
+ARCHITECTURES (and its tests).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What the exporter must know about one Hugging Face architecture."""
+    gguf_arch: gguf.MODEL_ARCH
+    qkv_bias: bool    # q/k/v projections always carry biases (Qwen2); Llama's follow config.attention_bias
+    permute_qk: bool  # llama.cpp's llama arch wants q/k rows reordered (convert_hf_to_gguf LlamaModel.permute)
+
+
+ARCHITECTURES = {
+    "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, qkv_bias=True, permute_qk=False),
+    "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, qkv_bias=False, permute_qk=True),
+}
+
+
+# Checkpoint entries that are not weights of the model and are skipped.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor as stored in a safetensors shard (header only)."""
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of the GGUF: where it comes from, what it is called and what shape it has (HF order)."""
+    hf_name: str              # checkpoint name; "rope_freqs" for the generated Llama-3 RoPE factors
+    gguf_name: str
+    kind: gguf.MODEL_TENSOR
+    layer: int | None
+    shape: tuple[int, ...]    # [rows, row length] for matrices, as Hugging Face stores them
+
+    @property
+    def quantizable(self) -> bool:
+        """2-D weights may be stored in any type; vectors (norms, biases, RoPE factors) stay F32."""
+        return len(self.shape) == 2
+
+
+@dataclass(frozen=True, eq=False)
+class ModelInfo:
+    """A checkpoint described without loading its weights."""
+    model_dir: Path
+    name: str                 # general.name
+    config: dict
+    hf_arch: str
+    spec: ArchSpec
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_vocab: int              # token embedding rows (the GGUF vocabulary is padded to this)
+    tied: bool                # lm_head shares the token embedding: no output tensor is written
+    rope: dict                # rope_theta, rope_type and scaling parameters, normalised
+    sources: dict             # hf_name -> SourceTensor for every exported checkpoint tensor
+    tensors: tuple            # GGUFTensor, in file order
+
+    @property
+    def arch(self) -> str:
+        """GGUF architecture name ("qwen2", "llama")."""
+        return gguf.MODEL_ARCH_NAMES[self.spec.gguf_arch]
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _checkpoint_tensors(model_dir: Path) -> dict[str, SourceTensor]:
+    """Names, dtypes and shapes of every tensor in the checkpoint (single file or sharded with an index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {model_dir} (only safetensors checkpoints are supported)")
+    out = {}
+    for fname in files:
+        path = model_dir / fname
+        if not path.is_file():
+            raise ValueError(f"checkpoint shard {fname} listed in the index is missing from {model_dir}")
+        for name, meta in _read_safetensors_header(path).items():
+            out[name] = SourceTensor(path, meta["dtype"], tuple(int(s) for s in meta["shape"]))
+    return out
+
+
+def _rope_parameters(cfg: dict) -> dict:
+    """RoPE settings from either config layout (transformers 5 rope_parameters, or rope_theta + rope_scaling)."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    rope["rope_type"] = str(rope_type).lower()
+    return rope
+
+
+def _expected_shapes(cfg: dict, spec: ArchSpec, n_vocab: int, head_dim: int, tied: bool) -> dict:
+    """Every checkpoint tensor the architecture needs, in GGUF file order, with its shape."""
+    h, ff = cfg["hidden_size"], cfg["intermediate_size"]
+    q_out = cfg["num_attention_heads"] * head_dim
+    kv_out = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim
+    qkv_bias = spec.qkv_bias or bool(cfg.get("attention_bias", False))
+    o_bias = spec.gguf_arch == gguf.MODEL_ARCH.LLAMA and bool(cfg.get("attention_bias", False))
+    shapes = {"model.embed_tokens.weight": (n_vocab, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        for proj, rows in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, h)
+            if qkv_bias:
+                shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q_out)
+        if o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (ff, h)
+        shapes[p + "mlp.up_proj.weight"] = (ff, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, ff)
+    shapes["model.norm.weight"] = (h,)
+    if not tied:
+        shapes["lm_head.weight"] = (n_vocab, h)
+    return shapes
+
+
+@functools.lru_cache(maxsize=8)
+def _name_map(gguf_arch: gguf.MODEL_ARCH, n_layers: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(gguf_arch, n_layers)
+
+
+def load_model_info(model_dir, name: str | None = None) -> ModelInfo:
+    """Describe a local Hugging Face checkpoint from config.json and safetensors headers (weights not read).
+
+    Raises ValueError with one clear line for an unsupported architecture, a missing or misshapen tensor,
+    or an unexpected one.
+    """
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"no config.json in {model_dir}")
+    cfg = json.loads(config_path.read_text())
+    cfg = {**cfg, **cfg.get("text_config", {})}
+    archs = cfg.get("architectures") or []
+    hf_arch = archs[0] if archs else f"(none; model_type={cfg.get('model_type')!r})"
+    if hf_arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {hf_arch!r} in {config_path}; supported: "
+                         f"{', '.join(ARCHITECTURES)}")
+    spec = ARCHITECTURES[hf_arch]
+    if cfg.get("use_sliding_window"):
+        raise ValueError("sliding-window attention (use_sliding_window) is not supported by llama.cpp's "
+                         f"{gguf.MODEL_ARCH_NAMES[spec.gguf_arch]} architecture")
+    if cfg.get("mlp_bias"):
+        raise ValueError("MLP biases (mlp_bias) are not supported by llama.cpp's llama architecture")
+
+    sources = _checkpoint_tensors(model_dir)
+    if "model.embed_tokens.weight" not in sources:
+        raise ValueError(f"checkpoint in {model_dir} lacks tensor model.embed_tokens.weight")
+    n_vocab = sources["model.embed_tokens.weight"].shape[0]
+    n_heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    expected = _expected_shapes(cfg, spec, n_vocab, head_dim, tied)
+
+    for hf_name, shape in expected.items():
+        if hf_name not in sources:
+            raise ValueError(f"checkpoint in {model_dir} lacks tensor {hf_name} (needed by {hf_arch})")
+        if sources[hf_name].dtype not in ("F32", "F16", "BF16"):
+            raise ValueError(f"tensor {hf_name} is stored as {sources[hf_name].dtype}; only F32/F16/BF16 "
+                             "checkpoints are supported")
+        if sources[hf_name].shape != shape:
+            raise ValueError(f"tensor {hf_name} has shape {list(sources[hf_name].shape)}, config.json implies "
+                             f"{list(shape)}")
+    skippable = {"lm_head.weight"} if tied else set()
+    for hf_name in sources:
+        if hf_name not in expected and hf_name not in skippable and not hf_name.endswith(_IGNORED_SUFFIXES):
+            raise ValueError(f"checkpoint tensor {hf_name} is not part of {hf_arch} as this exporter knows it")
+
+    tmap = _name_map(spec.gguf_arch, cfg["num_hidden_layers"])
+    tensors = []
+    for hf_name, shape in expected.items():
+        found = tmap.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise ValueError(f"gguf-py has no GGUF name for {hf_name} in architecture {spec.gguf_arch.name}")
+        kind, gname = found
+        layer = int(hf_name.split(".")[2]) if hf_name.startswith("model.layers.") else None
+        tensors.append(GGUFTensor(hf_name, gname, kind, layer, shape))
+
+    rope = _rope_parameters(cfg)
+    if rope["rope_type"] == "llama3":
+        if spec.gguf_arch != gguf.MODEL_ARCH.LLAMA:
+            raise ValueError(f"RoPE type llama3 is only supported for Llama models, not {hf_arch}")
+        tensors.append(GGUFTensor("rope_freqs", gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                                  gguf.MODEL_TENSOR.ROPE_FREQS, None, (head_dim // 2,)))
+    elif rope["rope_type"] not in ("default", "linear", "yarn"):
+        raise ValueError(f"unsupported RoPE scaling type {rope['rope_type']!r} in config.json "
+                         "(supported: default, linear, yarn, llama3)")
+
+    return ModelInfo(
+        model_dir=model_dir, name=name or model_dir.name, config=cfg, hf_arch=hf_arch, spec=spec,
+        n_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"], n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads", n_heads), head_dim=head_dim, n_vocab=n_vocab, tied=tied,
+        rope=rope, sources={t.hf_name: sources[t.hf_name] for t in tensors if t.hf_name in sources},
+        tensors=tuple(tensors))
+
+
+def quantizable_tensors(info: ModelInfo) -> dict[str, tuple[int, int]]:
+    """The 2-D weights GGUF may store in any type, as {hf_name: (rows, row_len)}.
+
+    Every linear weight of every block, the token embedding and (untied models only) lm_head. Everything else
+    (norms, biases) is written as F32, as llama.cpp does.
+    """
+    return {t.hf_name: t.shape for t in info.tensors if t.quantizable}
+
+
+def gguf_name(info: ModelInfo, hf_name: str) -> str:
+    """The GGUF tensor name of a checkpoint tensor, through gguf-py's TensorNameMap."""
+    name = _name_map(info.spec.gguf_arch, info.n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ValueError(f"no GGUF name for {hf_name!r} in architecture {info.arch}")
+    return name
+
+
+def shape_signature(info: ModelInfo) -> str:
+    """A short hash identifying the model's structure: architecture fields of config.json and all tensor
+    names and shapes. A config made for one model is refused for any other."""
+    keys = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+    payload = {"config": {k: info.config.get(k) for k in keys},
+               "tensors": sorted((t.hf_name, list(t.shape)) for t in info.tensors)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def architecture_of(model) -> ArchSpec:
+    """The table row of a loaded transformers model (by its class, e.g. Qwen2ForCausalLM)."""
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {name}; supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tensors as llama.cpp stores them
+# --------------------------------------------------------------------------------------------------------------
+
+def _permute_rows(w, n_head: int):
+    """convert_hf_to_gguf's LlamaModel.permute: HF's rotate-half row order to llama.cpp's interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(info) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.generate_extra_tensors for rope_type llama3."""
+    rope, dim = info.rope, info.head_dim
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def to_gguf_row_order(info: ModelInfo, hf_name: str, rows):
+    """A checkpoint tensor's rows (values, or one row of bytes per weight row) in the order llama.cpp expects:
+    the llama architecture's q/k projections permuted (convert_hf_to_gguf LlamaModel.modify_tensors), every
+    other tensor as it is."""
+    if info.spec.permute_qk:
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            return _permute_rows(rows, info.n_heads)
+        if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            return _permute_rows(rows, info.n_kv_heads)
+    return rows

@@ -1,0 +1,178 @@
+"""Which weights of a model quantize to which GGUF types, and their bytes under each type.
+
+A weight's candidate types are the K-quant menu when 256-weight blocks fit its rows, else the 32-weight-block
+menu (llama-quantize's fallbacks do the same). Its bytes come from ggml's own quantizer, weighted by the
+imatrix and, with the default quantizer, with GPTQ's error feedback wherever its input has a Gram (gptq.py):
+- the *draft* (`draft_bytes`): GPTQ before its refinement sweep, what the sensitivity table ranks;
+- the *shipped* bytes (`quantized_bytes`): the draft after the sweep, bit for bit GPTQ with the sweep in one
+  go; what the GA measures and the config ships;
+- the *plain* bytes (`quantized_bytes(plain=True)`): ggml alone, as llama-quantize makes them.
+Each (tensor, type) is quantized once; bytes are a fraction of the float weight, decoded when measured.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import gptq
+import torch_dequant
+from calib_stats import CalibStats
+from model_blocks import block_linears, block_prefix, decoder_blocks, embedding_weight_name, is_tied, output_weight_name
+from quant_utils import dequantize, get_type, quantize
+
+# Candidate menus. K-quants pack 256 weights per block; rows not divisible by 256 (hidden 576 or 896, say)
+# take the 32-weight-block types instead, as llama-quantize's fallbacks do. IQ4_NL is the 4.5-bit
+# non-linear type llama.cpp uses for IQ4_XS rows that K-blocks do not fit.
+K_MENU = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+BLOCK32_MENU = ("Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+QUANTIZERS = ("gptq", "ggml")     # gptq: ggml's quantizer with GPTQ error feedback (gptq.py); ggml: ggml alone
+
+
+def candidate_types(n_per_row: int, k_menu: Sequence[str] = K_MENU,
+                    block32_menu: Sequence[str] = BLOCK32_MENU) -> tuple[str, ...]:
+    """The K-quant menu when 256-weight blocks fit the row, else the 32-weight-block menu (those that fit)."""
+    if all(get_type(t).fits(n_per_row) for t in k_menu):
+        return tuple(k_menu)
+    return tuple(t for t in block32_menu if get_type(t).fits(n_per_row))
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One quantizable weight as the analysis sees it."""
+    name: str                   # HF parameter name, e.g. "model.layers.3.mlp.down_proj.weight"
+    kind: str                   # "q_proj", ..., "down_proj", "embed_tokens", "lm_head"
+    block: int | None           # decoder block index; None for the embedding and the head
+    shape: tuple[int, int]      # (rows, row length)
+    types: tuple[str, ...]      # candidate GGUF types
+    is_embedding: bool          # read by row lookup (token embedding)
+    feeds_logits: bool          # multiplies the final hidden state (the head, or a tied embedding)
+
+
+def quantizable_weights(model: nn.Module, k_menu: Sequence[str] = K_MENU,
+                        block32_menu: Sequence[str] = BLOCK32_MENU) -> list[WeightSpec]:
+    """Every linear of every decoder block, the token embedding, and the head when it is not tied."""
+    specs = []
+    embed_name = embedding_weight_name(model)
+    tied = is_tied(model)
+    weight = model.get_input_embeddings().weight
+    specs.append(WeightSpec(embed_name, "embed_tokens", None, tuple(weight.shape),
+                            candidate_types(weight.shape[1], k_menu, block32_menu), True, tied))
+    for index, block in enumerate(decoder_blocks(model)):
+        prefix = block_prefix(model, index)
+        for rel_name, linear in block_linears(block):
+            specs.append(WeightSpec(f"{prefix}{rel_name}.weight", rel_name.split(".")[-1], index,
+                                    tuple(linear.weight.shape),
+                                    candidate_types(linear.weight.shape[1], k_menu, block32_menu), False, False))
+    if not tied:
+        head = model.get_output_embeddings().weight
+        specs.append(WeightSpec(output_weight_name(model), "lm_head", None, tuple(head.shape),
+                                candidate_types(head.shape[1], k_menu, block32_menu), False, True))
+    return specs
+
+
+def quantizer_imatrix(spec: WeightSpec, stats: CalibStats, head_name: str | None = None) -> torch.Tensor | None:
+    """The imatrix the quantizer gets for this tensor: mean squared input for linears and the head. A tied
+    embedding takes the head's (`head_name`): its error hurts far more through the logits than through the
+    lookup, and weighting by the final hidden state's energy halves its KLD (SmolLM2-135M, Q5_1: 0.0147 ->
+    0.0068). llama-imatrix never records a tied head, so llama.cpp's presets quantize it unweighted; an
+    untied embedding (a pure lookup) gets none either."""
+    if spec.is_embedding:
+        return stats.imatrix(head_name) if spec.feeds_logits and head_name is not None else None
+    return stats.imatrix(spec.name)
+
+
+class QuantizedWeights:
+    """The GGUF bytes of a model's weights under each candidate type (see the module docstring), computed on
+    first use and kept: `drafts` until refined, `quantized` (shipped), `plain_quantized` (ggml alone). GPTQ's
+    factors are computed on `device` (float64 on the CPU for MPS)."""
+
+    def __init__(self, model: nn.Module, stats: CalibStats, device: torch.device, quantizer: str = "gptq"):
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, not {quantizer!r}")
+        self.model, self.stats, self.device, self.quantizer = model, stats, device, quantizer
+        self.drafts: dict[tuple[str, str], bytes] = {}      # (tensor, type) -> the table's bytes, whole tensors
+        self.quantized: dict[tuple[str, str], bytes] = {}   # (tensor, type) -> refined GPTQ bytes (shipped)
+        self.plain_quantized: dict[tuple[str, str], bytes] = {}   # the same by ggml alone
+        self._feedback: dict[tuple[str, int], gptq.Feedback] = {}   # (Gram key, block size), current block's
+
+    def draft_bytes(self, spec: WeightSpec, qtype: str) -> bytes:
+        """The whole tensor's bytes in `qtype` as the sensitivity table measures them: `encode` without GPTQ's
+        refinement sweep, which lowers every type's error by a few percent and costs more than GPTQ's own pass,
+        so it is left to the pairs a search measures or ships (`quantized_bytes`). Kept in `drafts` until
+        then."""
+        key = (spec.name, qtype)
+        if key not in self.drafts:
+            self.drafts[key] = self.encode(spec, qtype, sweeps=0)
+        return self.drafts[key]
+
+    def quantized_bytes(self, spec: WeightSpec, qtype: str, plain: bool = False) -> bytes:
+        """The whole tensor's GGUF bytes in `qtype` as they ship: the draft after GPTQ's refinement sweep, which
+        then replaces the draft in memory (without a draft at hand, GPTQ with the sweep in one go: the same
+        bytes); the draft itself where GPTQ does not apply (kept in `drafts`); with `plain`, ggml's alone, as
+        llama-quantize makes them (`plain_quantized`). No (tensor, type) is quantized twice."""
+        key = (spec.name, qtype)
+        if plain and self.quantizer != "ggml":
+            if key not in self.plain_quantized:
+                self.plain_quantized[key] = self.encode(spec, qtype, feedback=False)
+            return self.plain_quantized[key]
+        if key not in self.quantized:
+            feedback = self.feedback_of(spec, qtype)
+            if feedback is None or gptq.REFINE_SWEEPS == 0:
+                return self.draft_bytes(spec, qtype)
+            draft = self.drafts.pop(key, None)
+            if draft is None:
+                self.quantized[key] = self.encode(spec, qtype, sweeps=gptq.REFINE_SWEEPS)
+            else:
+                weight = self.model.get_parameter(spec.name).detach()
+                self.quantized[key] = gptq.refine(weight, draft, qtype, feedback, sweeps=gptq.REFINE_SWEEPS)
+        return self.quantized[key]
+
+    def _decoded(self, raw: bytes, spec: WeightSpec, qtype: str) -> torch.Tensor:
+        """float32 values of a whole tensor's bytes: decoded on a CUDA device by torch_dequant (bit-identical to
+        ggml's decoder, and only the bytes cross the bus), elsewhere by ggml on the CPU."""
+        if self.device.type == "cuda" and torch_dequant.supports(qtype):
+            return torch_dequant.dequantize(torch_dequant.bytes_on(raw, self.device), qtype, spec.shape)
+        return torch.from_numpy(dequantize(raw, qtype, spec.shape))
+
+    def quantized_weight(self, spec: WeightSpec, qtype: str, plain: bool = False) -> torch.Tensor:
+        """The tensor as llama.cpp will hold it in `qtype` (`quantized_bytes`), float32."""
+        return self._decoded(self.quantized_bytes(spec, qtype, plain), spec, qtype)
+
+    def draft_weight(self, spec: WeightSpec, qtype: str) -> torch.Tensor:
+        """The tensor as the sensitivity table measures it (`draft_bytes`), float32."""
+        return self._decoded(self.draft_bytes(spec, qtype), spec, qtype)
+
+    def feedback_of(self, spec: WeightSpec, qtype: str) -> gptq.Feedback | None:
+        """GPTQ's factor for this tensor's input at this type's block size; None where the quantizer is plain
+        ggml, for float types, and for tensors without a Gram (lookups, inputs wider than --gram_max_dim).
+        Factors are kept for one Gram at a time per block size (q/k/v and gate/up share theirs); their Cholesky
+        factor is computed only when GPTQ runs (`refine` needs the Gram alone)."""
+        t = get_type(qtype)
+        if self.quantizer == "ggml" or t.is_float or spec.is_embedding or spec.name not in self.stats.gram_key:
+            return None
+        key = (self.stats.gram_key[spec.name], t.block_size)
+        if key not in self._feedback:
+            self._feedback = {k: v for k, v in self._feedback.items() if k[1] != t.block_size}
+            self._feedback[key] = gptq.feedback_factor(self.stats.gram_of(spec.name)[0].to(self.device),
+                                                       t.block_size)
+        return self._feedback[key]
+
+    def encode(self, spec: WeightSpec, qtype: str, rows: torch.Tensor | None = None, feedback: bool = True,
+               sweeps: int = 0) -> bytes:
+        """The GGUF bytes of this tensor (or of its `rows`) in `qtype`: ggml's quantizer with the imatrix, and
+        GPTQ's error feedback with `sweeps` refinement sweeps (0: the table's draft) where `feedback_of` gives
+        a factor, unless `feedback` is off (rows are independent either way)."""
+        weight = self.model.get_parameter(spec.name).detach()
+        if rows is not None:
+            weight = weight[rows.to(weight.device)]
+        feedback = self.feedback_of(spec, qtype) if feedback else None
+        if feedback is None:
+            return quantize(weight.cpu(), qtype, self.imatrix_of(spec))
+        return gptq.quantize(weight, qtype, feedback, sweeps=sweeps)
+
+    def imatrix_of(self, spec: WeightSpec) -> torch.Tensor | None:
+        """What the quantizer is given for this tensor (see `quantizer_imatrix`)."""
+        return quantizer_imatrix(spec, self.stats, output_weight_name(self.model))
