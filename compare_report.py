@@ -43,6 +43,31 @@ def _cell(section: str, key: str, fmt: str, scale: float = 1.0) -> Callable:
     return text
 
 
+def _speed_cell(mode: str) -> Callable:
+    """A speed: the median tok/s, and with interleaved runs +- half the interquartile range, in percent."""
+    def text(r) -> str:
+        speed = r.speed or {}
+        median, q25, q75 = speed.get(f"{mode}_tok_per_s"), speed.get(f"{mode}_q25"), speed.get(f"{mode}_q75")
+        if median is None:
+            return "-"
+        spread = "" if q25 is None or not median else f" ±{50 * (q75 - q25) / median:.1f}%"
+        return f"{median:,.1f}{spread}"
+    return text
+
+
+def speed_ratios(results) -> str:
+    """Each GGUF's median pp and tg speed as a multiple of the first GGUF's (the interleaved runs' medians)."""
+    ggufs = [r for r in results if r.kind == "gguf" and (r.speed or {}).get("pp_tok_per_s")]
+    if len(ggufs) < 2:
+        return ""
+    base = ggufs[0]
+    parts = [f"{r.name} pp {r.speed['pp_tok_per_s'] / base.speed['pp_tok_per_s']:.3f}x, tg "
+             f"{r.speed['tg_tok_per_s'] / base.speed['tg_tok_per_s']:.3f}x" for r in ggufs[1:]]
+    runs = base.speed.get("speed_runs")
+    return (f"speed vs {base.name}" + (f" (medians of {runs} interleaved rounds)" if runs else "") + ": "
+            + "; ".join(parts))
+
+
 # (header, right-aligned, cell text of one ModelResult)
 COLUMNS: list[tuple[str, bool, Callable]] = [
     ("model", False, lambda r: r.name),
@@ -53,8 +78,8 @@ COLUMNS: list[tuple[str, bool, Callable]] = [
     ("KLD p99", True, _cell("quality", "kld_p99", ".4f")),
     ("top-1 %", True, _cell("quality", "top1_agree", ".2f", 100)),
     ("load s", True, _cell("speed", "load_s", ".2f")),
-    ("pp tok/s", True, _cell("speed", "pp_tok_per_s", ",.1f")),
-    ("tg tok/s", True, _cell("speed", "tg_tok_per_s", ",.1f")),
+    ("pp tok/s", True, _speed_cell("pp")),
+    ("tg tok/s", True, _speed_cell("tg")),
     ("peak RSS MiB", True, _cell("speed", "peak_rss_bytes", ",.0f", 1 / MiB)),
     ("GPU MiB", True, _cell("speed", "gpu_mem_bytes", ",.0f", 1 / MiB)),
     ("device", False, lambda r: r.device),
@@ -191,7 +216,7 @@ def report_markdown(results, prompts: list[str], texts: dict, settings: dict, no
     """report.md: settings, the table, the plots, notes and the generations side by side."""
     lines = ["# Model comparison", "", "## Settings", ""]
     lines += [f"- `{k}`: {v}" for k, v in settings.items()]
-    lines += ["", "## Results", "", markdown_table(results), ""]
+    lines += ["", "## Results", "", markdown_table(results), "", speed_ratios(results), ""]
     lines += ["Quality: the second half of each evaluation window is scored (llama-perplexity's convention); "
               "KLD is KL(original || model) per token.", ""]
     if notes:

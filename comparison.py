@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gguf
@@ -20,9 +20,9 @@ import files
 from cli import UserError
 from metrics import first_scored
 from reference import Reference, build_reference, open_reference, reference_key, transformers_source_id
-from runtimes import (llama_gpu_offload, load_transformers_model, transformers_device, transformers_dtype_name,
-                      transformers_logits_fn)
-from workers import REPO_DIR, ModelJob, Settings, run_job
+from runtimes import (Speed, llama_gpu_offload, load_transformers_model, transformers_device,
+                      transformers_dtype_name, transformers_logits_fn)
+from workers import REPO_DIR, ModelJob, Settings, interleaved_speeds, run_job
 
 DEFAULT_PROMPTS_FILE = REPO_DIR / "prompts.txt"
 LOCAL_EVAL_HINT = "pass local text with --eval_file (e.g. ../shared/data/wikitext-2/wiki.test.tokens)"
@@ -210,9 +210,22 @@ def compare_models(original: Original, ggufs: list[tuple[str, str]], windows: np
                              "(run once without --skip_original)")
         print(f"[{i}/{len(jobs)}] {job.name}: {job.path}", file=sys.stderr, flush=True)
         results.append(run_job(job, isolate))
+    measure_speeds_interleaved([r for r in results if r.kind == "gguf"], settings)
     texts = {r.name: [original.tokenizer.decode(ids, skip_special_tokens=True) for ids in r.generations]
              for r in results}
     return results, texts, notes
+
+
+def measure_speeds_interleaved(results: list, settings: Settings) -> None:
+    """Every GGUF's pp and tg speed, measured in `speed_runs` interleaved rounds (each round runs every model's
+    tests once, so a drifting machine slows them alike), medians and quartiles into each result's speed."""
+    if not results:
+        return
+    print(f"speed: {len(results)} GGUFs, {settings.speed_runs} interleaved rounds", file=sys.stderr, flush=True)
+    runs = interleaved_speeds([r.path for r in results], settings.pp_tokens, settings.tg_tokens,
+                              settings.speed_runs, settings.n_threads, settings.progress)
+    for result, r in zip(results, runs):
+        result.speed = asdict(Speed(**result.speed).with_runs(r))
 
 
 def add_measurement_args(parser) -> None:
@@ -232,7 +245,7 @@ def add_measurement_args(parser) -> None:
     parser.add_argument("--pp_tokens", type=int, default=d.pp_tokens, help="prompt length for the pp speed test")
     parser.add_argument("--tg_tokens", type=int, default=d.tg_tokens, help="decoded tokens for the tg speed test")
     parser.add_argument("--speed_runs", type=int, default=d.speed_runs,
-                        help="timed runs per speed test (median reported, after one warm-up)")
+                        help="interleaved rounds of the GGUFs' speed tests (medians and quartiles reported)")
     parser.add_argument("--threads", type=int, default=d.n_threads, help="CPU threads (llama.cpp and torch)")
     parser.add_argument("--device", default=d.device, help="device of the transformers model: auto|cuda|mps|cpu")
     parser.add_argument("--cache_dir", default=d.cache_dir, help="cache of the original's logits")
@@ -283,6 +296,7 @@ def run_comparison(args, ggufs: list[tuple[str, str]]) -> None:
 
     print()
     print(compare_report.format_table(results))
+    print(compare_report.speed_ratios(results))
     for note in notes:
         print(f"note: {note}")
     width = compare_report.terminal_width()

@@ -1,7 +1,7 @@
 """Bit allocation: one GGUF type per tensor under an exact file-size budget (numpy only).
 
 `AllocationProblem` is the table every allocator works on: each tensor's menu of types with its exact bytes in
-the file and its predicted damage (and, with a decode cost table, its predicted decode seconds). `repair` fits
+the file and its predicted damage (and, with a speed cost table, its predicted seconds per speed mode). `repair` fits
 any assignment to the budget; `greedy_allocation` and `lagrangian_allocation` are the classical knapsack
 answers; `MixedPrecisionGA` searches from them and from llama.cpp's presets with the end-to-end KLD of the
 fake-quantized model as its final judge (multi-fidelity, in the spirit of EvoPress).
@@ -16,14 +16,22 @@ import numpy as np
 import quant_utils
 
 
-def pareto_menu(types, size_bytes, damage) -> list[tuple[str, float, float]]:
-    """(type, bytes, damage) sorted by size, keeping only types that beat every smaller one on damage: a
-    type no smaller and no better than another is never worth choosing (e.g. Q4_0 beside IQ4_NL)."""
-    entries = sorted(zip(types, map(float, size_bytes), map(float, damage)), key=lambda e: (e[1], e[2]))
+def pareto_menu(types, size_bytes, damage, seconds=None) -> list[tuple[str, float, float, tuple]]:
+    """(type, bytes, damage, seconds per speed mode) sorted by size, keeping only the types no other type beats:
+    a type no smaller, no better and (with speed modes) no faster than another is never worth choosing (e.g.
+    Q4_0 beside IQ4_NL, unless Q4_0 runs faster)."""
+    seconds = seconds if seconds is not None else [()] * len(types)
+    entries = sorted(zip(types, map(float, size_bytes), map(float, damage), map(tuple, seconds)),
+                     key=lambda e: (e[1], e[2], e[3]))
+
+    def beaten(e, by):
+        return by is not e and by[1] <= e[1] and by[2] <= e[2] and all(a <= b for a, b in zip(by[3], e[3])) \
+            and (by[1], by[2], by[3]) != (e[1], e[2], e[3])
+
     kept = []
-    for entry in entries:
-        if not kept or entry[2] < kept[-1][2]:
-            kept.append(entry)
+    for e in entries:
+        if not any(beaten(e, other) for other in entries) and (e[1], e[2], e[3]) not in [k[1:] for k in kept]:
+            kept.append(e)
     return kept
 
 
@@ -34,9 +42,10 @@ class AllocationProblem:
     `menus[i]` lists tensor i's candidate types in ascending size; `size_bytes[i, j]` is the bytes the tensor
     takes in the file as menu entry j (alignment padding included), `damage[i, j]` its predicted damage
     (single-tensor KLD); entries past a menu's end are inf. `fixed_bytes` is the rest of the file (header,
-    metadata, unquantized tensors), so `fixed_bytes + sum(size)` is the exact file size. With a decode cost
-    table, `decode_s[i, j]` is the predicted decode seconds per token the entry adds and `base_decode_s` the
-    rest (decode_speed.py), so `base_decode_s + sum(decode_s)` is the predicted decode time.
+    metadata, unquantized tensors), so `fixed_bytes + sum(size)` is the exact file size. With a speed cost
+    table, `seconds[k, i, j]` is the predicted time the entry adds in speed mode `modes[k]` (prompt processing,
+    decode: speed_costs.py) and `base_seconds[k]` the rest, so `base_seconds + sum(seconds)` is the predicted
+    time of each mode.
     """
     tensor_names: list[str]
     menus: list[list[str]]
@@ -44,30 +53,37 @@ class AllocationProblem:
     damage: np.ndarray
     fixed_bytes: int
     block_ids: np.ndarray  # decoder block of each tensor; -1 for embedding and output
-    decode_s: np.ndarray | None = None
-    base_decode_s: float = 0.0
+    modes: tuple[str, ...] = ()
+    seconds: np.ndarray | None = None          # [n_modes, n_tensors, width]
+    base_seconds: np.ndarray | None = None     # [n_modes]
 
     @classmethod
     def build(cls, tensor_names, menus, size_bytes, damage, fixed_bytes, block_ids,
-              decode_s: Sequence[dict[str, float]] | None = None, base_decode_s: float = 0.0):
-        menus = [pareto_menu(m, s, d) for m, s, d in zip(menus, size_bytes, damage)]
+              seconds: dict[str, Sequence[dict[str, float]]] | None = None,
+              base_seconds: dict[str, float] | None = None):
+        """From per-tensor lists (menu, bytes, damage) and, optionally, {mode: per-tensor {type: seconds}}
+        with {mode: base seconds}; each menu is cut to its Pareto front (pareto_menu)."""
+        modes = tuple(seconds or ())
+        times = [[tuple(seconds[m][i][t] for m in modes) for t in menu] for i, menu in enumerate(menus)]
+        menus = [pareto_menu(m, s, d, ts) for m, s, d, ts in zip(menus, size_bytes, damage, times)]
         n, width = len(tensor_names), max(len(m) for m in menus)
         sizes = np.full((n, width), np.inf)
         dmg = np.full((n, width), np.inf)
-        times = None if decode_s is None else np.full((n, width), np.inf)
+        secs = np.full((len(modes), n, width), np.inf) if modes else None
         for i, menu in enumerate(menus):
-            sizes[i, :len(menu)] = [size for _, size, _ in menu]
-            dmg[i, :len(menu)] = [d for _, _, d in menu]
-            if times is not None:
-                times[i, :len(menu)] = [decode_s[i][t] for t, _, _ in menu]
-        return cls(list(tensor_names), [[t for t, _, _ in m] for m in menus], sizes, dmg, int(fixed_bytes),
-                   np.asarray(block_ids), times, float(base_decode_s))
+            sizes[i, :len(menu)] = [e[1] for e in menu]
+            dmg[i, :len(menu)] = [e[2] for e in menu]
+            for k in range(len(modes)):
+                secs[k, i, :len(menu)] = [e[3][k] for e in menu]
+        base = np.array([base_seconds[m] for m in modes]) if modes else None
+        return cls(list(tensor_names), [[e[0] for e in m] for m in menus], sizes, dmg, int(fixed_bytes),
+                   np.asarray(block_ids), modes, secs, base)
 
-    def decode_seconds(self, genome: np.ndarray) -> float | None:
-        """Predicted decode seconds per token (None without a decode cost table)."""
-        if self.decode_s is None:
+    def predicted_seconds(self, genome: np.ndarray) -> np.ndarray | None:
+        """Predicted seconds of each speed mode (None without a speed cost table)."""
+        if self.seconds is None:
             return None
-        return self.base_decode_s + float(self.decode_s[np.arange(len(genome)), genome].sum())
+        return self.base_seconds + self.seconds[:, np.arange(len(genome)), genome].sum(axis=1)
 
     @property
     def menu_lengths(self) -> np.ndarray:
@@ -80,6 +96,7 @@ class AllocationProblem:
         return float(self.damage[np.arange(len(genome)), genome].sum())
 
     def smallest(self) -> np.ndarray:
+        """Every tensor at its smallest entry (the first of its menu)."""
         return np.zeros(len(self.menus), dtype=np.int64)
 
     def largest(self) -> np.ndarray:
@@ -105,83 +122,93 @@ class AllocationProblem:
         return genome
 
 
+def _excess(times: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """How far predicted times are over their limits, summed over modes as fractions of each limit (0: within
+    every limit); `times` [n_modes, ...] broadcasts."""
+    lim = limits.reshape((-1,) + (1,) * (times.ndim - 1))
+    return np.maximum(times / lim - 1.0, 0.0).sum(axis=0)
+
+
 def repair(problem: AllocationProblem, genome: np.ndarray, budget_bytes: int,
-           time_limit_s: float | None = None) -> np.ndarray:
-    """Fit a genome to the budget: downgrade where predicted damage per byte saved is least; with a decode
-    time limit, then swap types where the most time is saved per damage added (within the budget); then
-    spend the spare bytes on the upgrades with the most damage removed per byte that keep to the limit. The
-    result is always within budget (the budget is checked to be feasible up front); within the time limit
-    when some swap sequence gets there (`decode_seconds` says)."""
+           time_limits: np.ndarray | None = None) -> np.ndarray:
+    """Fit a genome to the budget and, with `time_limits` (seconds per speed mode), to the predicted speed.
+
+    Three steps, each a sequence of single-tensor moves to any entry of the tensor's menu: (1) while over the
+    budget, the move that adds the least damage per byte saved; (2) while over a time limit, the move that cuts
+    the most excess time (summed over modes, relative to each limit) per damage added, within the budget;
+    (3) while bytes are left, the move that removes the most damage per byte spent and keeps every mode within
+    its limit (a mode still over it may not get slower). The result is always within budget (checked to be
+    feasible up front); within the time limits when some sequence of moves gets there (`predicted_seconds`)."""
+    p = problem
     g = genome.copy()
-    rows = np.arange(len(g))
-    size = problem.file_size_bytes(g)
-    while size > budget_bytes:
-        can = g > 0
-        lower = np.where(can, g - 1, 0)
-        saved = problem.size_bytes[rows, g] - problem.size_bytes[rows, lower]
-        cost = (problem.damage[rows, lower] - problem.damage[rows, g]) / np.where(can, saved, 1)
-        cost[~can] = np.inf
-        i = int(np.argmin(cost))
-        if not can[i]:
-            raise ValueError(f"budget {budget_bytes:,} bytes is below the smallest assignment")
-        size -= int(saved[i])
-        g[i] -= 1
-    timed = time_limit_s is not None and problem.decode_s is not None
-    if timed:
-        g, size = _speed_up(problem, g, size, budget_bytes, time_limit_s)
-    slack_s = time_limit_s - problem.decode_seconds(g) if timed else np.inf
-    last = problem.menu_lengths - 1
-    while True:
-        can = g < last
-        upper = np.where(can, g + 1, g)
-        extra = problem.size_bytes[rows, upper] - problem.size_bytes[rows, g]
-        can &= extra <= budget_bytes - size
-        if timed:
-            extra_s = problem.decode_s[rows, upper] - problem.decode_s[rows, g]
-            can &= extra_s <= max(slack_s, 0.0)
-        if not can.any():
-            return g
-        gain = (problem.damage[rows, g] - problem.damage[rows, upper]) / np.where(extra > 0, extra, 1)
-        gain[~can] = -np.inf
-        i = int(np.argmax(gain))
-        if gain[i] <= 0:
-            return g
-        size += int(extra[i])
-        if timed:
-            slack_s -= float(extra_s[i])
-        g[i] += 1
-
-
-def _speed_up(problem: AllocationProblem, g: np.ndarray, size: int, budget_bytes: int, time_limit_s: float
-              ) -> tuple[np.ndarray, int]:
-    """Swap tensors to faster types (any entry of their menu), most decode time saved per damage added first,
-    each swap within the byte budget, until the predicted time is within the limit or no swap saves time."""
     rows = np.arange(len(g))[:, None]
-    valid = np.isfinite(problem.size_bytes)
-    while problem.decode_seconds(g) > time_limit_s:
-        cur = g[:, None]
-        saved_s = problem.decode_s[rows, cur] - problem.decode_s          # > 0: faster
-        extra_b = problem.size_bytes - problem.size_bytes[rows, cur]
-        added = problem.damage - problem.damage[rows, cur]
-        ok = valid & (saved_s > 0) & (extra_b <= budget_bytes - size)
+    valid = np.isfinite(p.size_bytes)
+    size = p.file_size_bytes(g)
+    while size > budget_bytes:
+        saved = p.size_bytes[rows, g[:, None]] - p.size_bytes
+        added = p.damage - p.damage[rows, g[:, None]]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cost = np.where(valid & (saved > 0), added / np.where(saved > 0, saved, 1), np.inf)
+        i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        if not np.isfinite(cost[i, j]):
+            raise ValueError(f"budget {budget_bytes:,} bytes is below the smallest assignment")
+        size -= int(saved[i, j])
+        g[i] = j
+    timed = time_limits is not None and p.seconds is not None
+    if timed:
+        g, size = _speed_up(p, g, size, budget_bytes, np.asarray(time_limits, dtype=np.float64))
+        slack = np.maximum(np.asarray(time_limits) - p.predicted_seconds(g), 0.0)
+    while True:
+        extra = p.size_bytes - p.size_bytes[rows, g[:, None]]
+        removed = p.damage[rows, g[:, None]] - p.damage
+        ok = valid & (removed > 0) & (extra <= budget_bytes - size)
+        if timed:
+            extra_s = p.seconds - p.seconds[:, rows, g[:, None]]
+            ok &= (extra_s <= slack[:, None, None]).all(axis=0)
+        if not ok.any():
+            return g
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gain = np.where(ok, removed / np.maximum(extra, 1.0), -np.inf)
+        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
+        size += int(extra[i, j])
+        if timed:
+            slack = slack - extra_s[:, i, j]
+        g[i] = j
+
+
+def _speed_up(problem: AllocationProblem, g: np.ndarray, size: int, budget_bytes: int, limits: np.ndarray
+              ) -> tuple[np.ndarray, int]:
+    """Move tensors to faster entries of their menus, the most excess time cut per damage added first, each
+    move within the byte budget, until every mode is within its limit or no move cuts the excess."""
+    p = problem
+    rows = np.arange(len(g))[:, None]
+    valid = np.isfinite(p.size_bytes)
+    times = p.predicted_seconds(g)
+    while _excess(times, limits) > 0:
+        new_times = times[:, None, None] + p.seconds - p.seconds[:, rows, g[:, None]]
+        cut = _excess(times, limits) - _excess(new_times, limits)
+        extra_b = p.size_bytes - p.size_bytes[rows, g[:, None]]
+        added = p.damage - p.damage[rows, g[:, None]]
+        ok = valid & (cut > 1e-12) & (extra_b <= budget_bytes - size)
         if not ok.any():
             break
         with np.errstate(invalid="ignore", divide="ignore"):
-            score = np.where(ok, saved_s / np.maximum(added, 1e-12), -np.inf)
+            score = np.where(ok, cut / np.maximum(added, 1e-12), -np.inf)
         i, j = np.unravel_index(int(np.argmax(score)), score.shape)
         size += int(extra_b[i, j])
+        times = new_times[:, i, j]
         g[i] = j
     return g, size
 
 
-def greedy_allocation(problem: AllocationProblem, budget_bytes: int, time_limit_s: float | None = None
+def greedy_allocation(problem: AllocationProblem, budget_bytes: int, time_limits: np.ndarray | None = None
                       ) -> np.ndarray:
     """The classical allocator: from the smallest types, upgrade by damage removed per byte until full."""
-    return repair(problem, problem.smallest(), budget_bytes, time_limit_s)
+    return repair(problem, problem.smallest(), budget_bytes, time_limits)
 
 
 def lagrangian_allocation(problem: AllocationProblem, budget_bytes: int, iters: int = 60,
-                          time_limit_s: float | None = None) -> np.ndarray:
+                          time_limits: np.ndarray | None = None) -> np.ndarray:
     """Knapsack by Lagrange multiplier (exllamav2-style): each tensor minimises damage + lam * bytes; lam is
     bisected to the budget, then the result is repaired to fill or fit it exactly."""
     lo, hi = 0.0, 1.0
@@ -191,7 +218,7 @@ def lagrangian_allocation(problem: AllocationProblem, budget_bytes: int, iters: 
     for _ in range(iters):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if problem.file_size_bytes(pick(mid)) > budget_bytes else (lo, mid)
-    return repair(problem, pick(hi), budget_bytes, time_limit_s)
+    return repair(problem, pick(hi), budget_bytes, time_limits)
 
 
 @dataclass
@@ -220,14 +247,14 @@ class MixedPrecisionGA:
     model (`measure_fn`), and from then on rank by it, the proxy being rescaled to the measured values. The
     answer is the individual with the lowest measured KLD, never the proxy's favourite alone.
 
-    With `time_limit_s` (and a problem with decode costs) every individual is also repaired toward the predicted
-    decode-time limit; one still over it ranks behind every individual within it and is never the answer.
+    With `time_limits` (seconds per speed mode, for a problem with speed costs) every individual is also repaired
+    toward them; one still over a limit ranks behind every individual within them and is never the answer.
     """
 
     def __init__(self, problem: AllocationProblem, budget_bytes: int, pop_size: int = 20, generations: int = 12,
                  measure_fn=None, measures_per_generation: int = 2, seed: int = 0, seed_genomes=(),
                  elite: int = 2, tournament_size: int = 3, mutation_rate: float | None = None,
-                 time_limit_s: float | None = None):
+                 time_limits: np.ndarray | None = None):
         low, high = problem.feasible_range()
         if not low <= budget_bytes:
             raise ValueError(f"budget {budget_bytes:,} bytes is below the smallest assignment ({low:,} bytes); "
@@ -240,22 +267,23 @@ class MixedPrecisionGA:
         self.elite, self.tournament_size = elite, tournament_size
         self.mutation_rate = mutation_rate or 2.0 / len(problem.menus)
         self.measured: dict[bytes, float] = {}
-        self.time_limit_s = time_limit_s if problem.decode_s is not None else None
+        self.time_limits = None if time_limits is None or problem.seconds is None else np.asarray(time_limits)
 
     def _repair(self, genome: np.ndarray) -> np.ndarray:
-        return repair(self.problem, genome, self.budget_bytes, self.time_limit_s)
+        return repair(self.problem, genome, self.budget_bytes, self.time_limits)
 
     def too_slow(self, genome: np.ndarray) -> bool:
-        """Predicted decode time over the limit (never, without one)."""
-        return self.time_limit_s is not None and self.problem.decode_seconds(genome) > self.time_limit_s * (1 + 1e-9)
+        """Some mode's predicted time over its limit (never, without limits)."""
+        return self.time_limits is not None and bool(
+            (self.problem.predicted_seconds(genome) > self.time_limits * (1 + 1e-9)).any())
 
     # -- operators -------------------------------------------------------------------------------------
     def initialize_population(self) -> list[np.ndarray]:
         """Presets that fit, the greedy and Lagrangian solutions, then random individuals, all repaired."""
         p = self.problem
         population = [self._repair(g) for g in self.seed_genomes]
-        population += [greedy_allocation(p, self.budget_bytes, self.time_limit_s),
-                       lagrangian_allocation(p, self.budget_bytes, time_limit_s=self.time_limit_s)]
+        population += [greedy_allocation(p, self.budget_bytes, self.time_limits),
+                       lagrangian_allocation(p, self.budget_bytes, time_limits=self.time_limits)]
         while len(population) < self.pop_size:
             random_genome = (self.rng.random(len(p.menus)) * p.menu_lengths).astype(np.int64)
             population.append(self._repair(random_genome))
@@ -287,7 +315,7 @@ class MixedPrecisionGA:
 
     def _fitness(self, population) -> np.ndarray:
         """Measured KLD where known; elsewhere the proxy scaled by the median measured/proxy ratio; an
-        individual over the decode-time limit behind all others (by how far over)."""
+        individual over a time limit behind all others (by how far over)."""
         proxy = self._proxy(population)
         ratios = [kld / max(self.problem.predicted_damage(np.frombuffer(k, dtype=np.int64)), 1e-12)
                   for k, kld in self.measured.items()]
@@ -295,7 +323,7 @@ class MixedPrecisionGA:
         fitness = np.array([self.measured.get(g.tobytes(), p * scale) for g, p in zip(population, proxy)])
         for i, g in enumerate(population):
             if self.too_slow(g):
-                fitness[i] = 1e6 * (1 + self.problem.decode_seconds(g) / self.time_limit_s)
+                fitness[i] = 1e6 * (1 + float((self.problem.predicted_seconds(g) / self.time_limits).max()))
         return fitness
 
     def _measure_best(self, population) -> None:

@@ -21,12 +21,12 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
-import json
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -35,7 +35,6 @@ import calib_stats
 import cli
 import config_file
 import data_utils
-import decode_speed
 import files
 import genetic_optim
 import gguf_plan
@@ -48,6 +47,7 @@ import quantized_weights
 import sensitivity
 import sensitivity_table
 import smoothing
+import speed_costs
 from model_blocks import load_model_and_tokenizer, resolve_device
 
 # llama.cpp presets offered to the GA as seeds and used as the uniform baseline at the budget.
@@ -91,12 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smooth", default="off", type=smooth_mode,
                    help="SmoothQuant-style exact rescaling before quantization: off, auto (strength searched per "
                         "block, kept only where it lowers the output error) or a fixed strength in (0, 1)")
-    p.add_argument("--max_slowdown", type=float, default=None,
-                   help="predicted decode time at most this times the uniform preset's of the same size (e.g. 1.0; "
-                        "measures a per-type decode cost table on this machine's llama.cpp backend, cached)")
-    p.add_argument("--decode_costs", default=None,
-                   help="decode cost table (JSON from decode_speed.py) to use instead of measuring one here, "
-                        "e.g. one measured on the machine that will run the model")
+    p.add_argument("--max_slowdown", type=slowdown, default=1.0,
+                   help="prompt processing and decode each predicted at most this times slower than the uniform "
+                        "llama.cpp preset of the budget (1: no slower; 0.97: 3%% faster), on this machine's "
+                        "llama.cpp (a cost table measured here and cached) or of --speed_costs; off: no limit")
+    p.add_argument("--speed_costs", "--decode_costs", dest="speed_costs", default=None,
+                   help="speed cost table (JSON, speed_costs.py) to use instead of measuring one here, e.g. one "
+                        "measured on the machine that will run the model")
     p.add_argument("--max_memory", default=None, help=placement.MAX_MEMORY_HELP)
     p.add_argument("--cache_dir", default="models/cache", help="statistics and sensitivity cache (resumable)")
     return p.parse_args(argv)
@@ -114,6 +115,19 @@ def smooth_mode(text: str) -> str:
         raise argparse.ArgumentTypeError(f"--smooth takes off, auto or a number in (0, 1), not {text!r}")
     return str(alpha)
 
+
+
+def slowdown(text: str) -> float | None:
+    """off | a positive factor (--max_slowdown)."""
+    if text == "off":
+        return None
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = float("nan")
+    if not 0 < factor < float("inf"):
+        raise argparse.ArgumentTypeError(f"--max_slowdown takes off or a positive number, not {text!r}")
+    return factor
 
 
 def parse_size(text: str) -> int:
@@ -158,6 +172,12 @@ class SearchInputs:
     holdout_ids: torch.Tensor            # single-tensor KLD windows (sensitivity)
     measure_ids: torch.Tensor            # the GA's measured-KLD windows
     weight_hashes: dict[str, str]        # tensor -> files.weight_sample_hash of the checkpoint's weight
+    presets: dict[str, dict]             # llama.cpp presets that fit the budget: {name: {types, size_bytes}}
+
+    @property
+    def baseline_preset(self) -> str | None:
+        """The uniform preset of the budget: the largest that fits (None below the smallest)."""
+        return max(self.presets, key=lambda n: self.presets[n]["size_bytes"]) if self.presets else None
 
     @property
     def menu_args(self) -> dict:
@@ -184,21 +204,26 @@ def load_inputs(args) -> SearchInputs:
         calib_ids=ids[:args.n_samples],
         holdout_ids=ids[args.n_samples:args.n_samples + args.kld_samples, :args.kld_seq_len],
         measure_ids=ids[args.n_samples + args.kld_samples:],
-        weight_hashes={name: files.weight_sample_hash(model.get_parameter(name)) for name in menus})
+        weight_hashes={name: files.weight_sample_hash(model.get_parameter(name)) for name in menus},
+        presets=preset_seeds(info, budget))
 
 
-def decode_costs_for(args, run: SearchInputs) -> decode_speed.DecodeCosts | None:
-    """The decode cost table when --max_slowdown asks for one: from --decode_costs, else measured here (cached)
-    for every type of the menus and of the presets."""
+def speed_costs_for(args, run: SearchInputs) -> speed_costs.SpeedCosts | None:
+    """The speed cost table the search keeps to (--max_slowdown): from --speed_costs, else measured on this
+    machine's llama.cpp for the menus' types and the baseline preset's (cached). None when there is no limit,
+    or no preset fits the budget to compare with."""
     if args.max_slowdown is None:
         return None
-    if args.decode_costs:
-        return decode_speed.DecodeCosts.from_dict(json.loads(Path(args.decode_costs).read_text()))
+    if run.baseline_preset is None:
+        print("note: no llama.cpp preset fits the budget, so there is no preset speed to keep to: "
+              "searching without a speed limit")
+        return None
+    if args.speed_costs:
+        return speed_costs.SpeedCosts.load(args.speed_costs)
     types = {t for menu in run.menus.values() for t in menu}
-    for name in SEED_PRESETS:
-        types |= set(gguf_plan.preset_types(run.info, name, imatrix_available=True).values())
+    types |= set(run.presets[run.baseline_preset]["types"].values())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return decode_speed.cached_decode_costs(run.model_dir, sorted(types), Path(args.cache_dir), device=device)
+    return speed_costs.cached_costs(run.model_dir, sorted(types), Path(args.cache_dir), device=device)
 
 
 def collect_statistics(args, run: SearchInputs) -> calib_stats.CalibStats:
@@ -230,9 +255,9 @@ def measure_sensitivity(args, run: SearchInputs, stats: calib_stats.CalibStats
 
 
 def build_problem(info, table: sensitivity_table.SensitivityTable, allowed_types,
-                  costs: decode_speed.DecodeCosts | None = None) -> genetic_optim.AllocationProblem:
+                  costs: speed_costs.SpeedCosts | None = None) -> genetic_optim.AllocationProblem:
     """The allocation table: each tensor's menu, exact file bytes per type and predicted damage (weight
-    error plus input rounding, `SensitivityEntry.damage`); with `costs`, predicted decode seconds too."""
+    error plus input rounding, `SensitivityEntry.damage`); with `costs`, predicted seconds per speed mode."""
     shapes = architectures.quantizable_tensors(info)
     if set(table.tensors()) != set(shapes):
         missing = sorted(set(shapes) ^ set(table.tensors()))[:3]
@@ -251,13 +276,14 @@ def build_problem(info, table: sensitivity_table.SensitivityTable, allowed_types
         sizes.append([gguf_plan.gguf_tensor_bytes(info, name, e.type) for e in entries])
         damages.append([e.damage for e in entries])
         blocks.append(-1 if entries[0].block is None else entries[0].block)
-    decode_s = base_s = None
+    seconds = base_seconds = None
     if costs is not None:
-        per_tensor = decode_speed.tensor_decode_s(info, costs)
-        decode_s = [{t: per_tensor[name](t) for t in menu} for name, menu in zip(names, menus)]
-        base_s = costs.all_reference_s(info.n_layers)
+        per_tensor = speed_costs.tensor_seconds(info, costs)
+        seconds = {mode: [{t: per_tensor[mode][name](t) for t in menu} for name, menu in zip(names, menus)]
+                   for mode in per_tensor}
+        base_seconds = {mode: c.all_reference_s(info.n_layers) for mode, c in costs.modes.items()}
     return genetic_optim.AllocationProblem.build(names, menus, sizes, damages, gguf_plan.gguf_fixed_bytes(info),
-                                                 blocks, decode_s, base_s or 0.0)
+                                                 blocks, seconds, base_seconds)
 
 
 def check_feasible(problem: genetic_optim.AllocationProblem, info, budget: int) -> None:
@@ -290,7 +316,7 @@ class SearchOutcome:
     result: genetic_optim.GAResult
     rows: list[dict]
     best_preset: str | None
-    time_limit_s: float | None
+    time_limits: dict[str, float] | None      # speed mode -> seconds (prompt: per prompt; decode: per token)
 
     @property
     def tensor_types(self) -> dict[str, str]:
@@ -298,22 +324,20 @@ class SearchOutcome:
 
 
 def search_assignment(args, run: SearchInputs, analyzer: sensitivity.LayerSensitivityAnalyzer,
-                      table: sensitivity_table.SensitivityTable, costs: decode_speed.DecodeCosts | None
+                      table: sensitivity_table.SensitivityTable, costs: speed_costs.SpeedCosts | None
                       ) -> SearchOutcome:
-    """The GA under the budget (and the decode-time limit), seeded with the presets that fit and the greedy and
+    """The GA under the budget (and the speed limits), seeded with the presets that fit and the greedy and
     Lagrangian answers; then the closing table: the best preset that fits (as llama-quantize makes it, and
     with our quantizer), greedy and the GA, each measured end to end."""
     info, budget = run.info, run.budget_bytes
     problem = build_problem(info, table, run.allowed_types, costs)
     check_feasible(problem, info, budget)
-    presets = preset_seeds(info, budget)
-    best_preset = max(presets, key=lambda n: presets[n]["size_bytes"]) if presets else None
-    time_limit_s = None
+    presets, best_preset = run.presets, run.baseline_preset
+    time_limits = None
     if costs is not None:
-        if best_preset is None:
-            raise ValueError("--max_slowdown needs a llama.cpp preset that fits the budget to compare with")
-        time_limit_s = args.max_slowdown * decode_speed.predicted_decode_s(info, costs,
-                                                                           presets[best_preset]["types"])
+        preset_s = speed_costs.predicted_seconds(info, costs, presets[best_preset]["types"])
+        time_limits = {mode: args.max_slowdown * preset_s[mode] for mode in problem.modes}
+    limits = None if time_limits is None else np.array([time_limits[m] for m in problem.modes])
     evaluator = kld.AssignmentEvaluator(analyzer.weights, analyzer.tensors, run.measure_ids, args.batch_size)
     bar = tqdm(total=args.ga_gen, desc="GA", unit="gen")
 
@@ -324,15 +348,16 @@ def search_assignment(args, run: SearchInputs, analyzer: sensitivity.LayerSensit
     ga = genetic_optim.MixedPrecisionGA(
         problem, budget, pop_size=args.ga_pop, generations=args.ga_gen, measure_fn=evaluator.kld_mean,
         measures_per_generation=args.ga_measure, seed=args.seed,
-        seed_genomes=[problem.genome_of(p["types"]) for p in presets.values()], time_limit_s=time_limit_s)
+        seed_genomes=[problem.genome_of(p["types"]) for p in presets.values()], time_limits=limits)
     result = ga.optimize(progress)
     bar.close()
-    greedy = genetic_optim.greedy_allocation(problem, budget, time_limit_s)
+    greedy = genetic_optim.greedy_allocation(problem, budget, limits)
 
     def row(name, size, kld_predicted, kld_measured, types):
-        tok_s = None if costs is None else 1.0 / decode_speed.predicted_decode_s(info, costs, types)
+        tok_s = {} if costs is None else speed_costs.predicted_tok_s(info, costs, types)
         return {"name": name, "size_bytes": size, "bpw": gguf_plan.bits_per_weight(info, size),
-                "kld_predicted": kld_predicted, "kld_measured": kld_measured, "decode_tok_s_predicted": tok_s}
+                "kld_predicted": kld_predicted, "kld_measured": kld_measured,
+                "pp_tok_s_predicted": tok_s.get("pp"), "tg_tok_s_predicted": tok_s.get("tg")}
 
     rows = []
     if best_preset:
@@ -348,12 +373,12 @@ def search_assignment(args, run: SearchInputs, analyzer: sensitivity.LayerSensit
                                        ("genetic algorithm", result.genome, result.measured_kld)):
         rows.append(row(name, problem.file_size_bytes(genome), problem.predicted_damage(genome), kld_measured,
                         problem.types_of(genome)))
-    return SearchOutcome(problem, result, rows, best_preset, time_limit_s)
+    return SearchOutcome(problem, result, rows, best_preset, time_limits)
 
 
 def save_outputs(args, run: SearchInputs, stats: calib_stats.CalibStats, smooth: smoothing.Smoothing,
                  smooth_records: list[dict], analyzer: sensitivity.LayerSensitivityAnalyzer,
-                 outcome: SearchOutcome, costs: decode_speed.DecodeCosts | None, seconds: dict) -> dict:
+                 outcome: SearchOutcome, costs: speed_costs.SpeedCosts | None, seconds: dict) -> dict:
     """The config (types, imatrix, smoothing, the search's record), its JSON twin, the shipped GPTQ tensors
     and the convergence plot; returns the shipped tensors {name: (type, bytes)}."""
     out = Path(args.output)
@@ -376,8 +401,8 @@ def save_outputs(args, run: SearchInputs, stats: calib_stats.CalibStats, smooth:
         "calibration": {"source": stats.meta["source"], "n_samples": args.n_samples,
                         "seq_len": args.seq_len, "seed": args.seed, "chat": bool(args.calib_chat)},
         "smoothing": smooth.to_dict(),
-        "decode_speed": None if costs is None else {
-            "max_slowdown": args.max_slowdown, "time_limit_s": outcome.time_limit_s, "costs": costs.to_dict()},
+        "speed": None if costs is None else {
+            "max_slowdown": args.max_slowdown, "limits_s": outcome.time_limits, "costs": costs.to_dict()},
         "ga": {"pop": args.ga_pop, "generations": args.ga_gen, "seed": args.seed, "history": result.history},
         "seconds": seconds,
     }
@@ -434,15 +459,16 @@ def smoothing_summary(smooth: smoothing.Smoothing, records: list[dict]) -> dict:
 
 
 def print_summary(rows: list[dict], final_types: dict[str, str]) -> None:
-    """Closing table: each allocator's size, bpw, predicted and measured KLD; the final type counts."""
-    timed = any(r.get("decode_tok_s_predicted") for r in rows)
+    """Closing table: each allocator's size, bpw, predicted and measured KLD (and predicted speeds); the final
+    type counts."""
+    timed = any(r.get("tg_tok_s_predicted") for r in rows)
     print(f"\n{'allocation':<22} {'size_bytes':>14} {'bpw':>7} {'predicted':>10} {'measured KLD':>13}"
-          + (f" {'decode tok/s (pred.)':>21}" if timed else ""))
+          + (f" {'pp tok/s (pred.)':>17} {'tg tok/s (pred.)':>17}" if timed else ""))
     for r in rows:
         measured = "-" if r["kld_measured"] is None else f"{r['kld_measured']:.5f}"
         predicted = "-" if r["kld_predicted"] is None else f"{r['kld_predicted']:.5f}"
-        print(f"{r['name']:<22} {r['size_bytes']:>14,} {r['bpw']:>7.3f} {predicted:>10} "
-              f"{measured:>13}" + (f" {r['decode_tok_s_predicted']:>21.1f}" if timed else ""))
+        print(f"{r['name']:<22} {r['size_bytes']:>14,} {r['bpw']:>7.3f} {predicted:>10} {measured:>13}"
+              + (f" {r['pp_tok_s_predicted']:>17.1f} {r['tg_tok_s_predicted']:>17.1f}" if timed else ""))
     counts: dict[str, int] = {}
     for t in final_types.values():
         counts[t] = counts.get(t, 0) + 1
@@ -465,8 +491,8 @@ def main(argv=None) -> None:
     with cli.reported_errors(ValueError, RuntimeError, OSError), torch.no_grad():
         with timed(seconds, "load"):
             run = load_inputs(args)
-        with timed(seconds, "decode_costs"):
-            costs = decode_costs_for(args, run)
+        with timed(seconds, "speed_costs"):
+            costs = speed_costs_for(args, run)
         with timed(seconds, "statistics"):
             stats = collect_statistics(args, run)
             imatrix_file.write_model_imatrix(run.model, stats, Path(args.output).with_suffix(".imatrix.gguf"),

@@ -7,6 +7,7 @@ each function imports the one it uses.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import shutil
 import subprocess
@@ -102,11 +103,26 @@ def gpu_used_bytes() -> int | None:
 
 @dataclass
 class Speed:
+    """One model's load time, memory and speed: pp and tg medians, with their quartiles when the runs were
+    interleaved with other models' (comparison.compare_models)."""
     load_s: float
-    pp_tok_per_s: float
-    tg_tok_per_s: float
+    pp_tok_per_s: float | None
+    tg_tok_per_s: float | None
     peak_rss_bytes: int
     gpu_mem_bytes: int | None
+    pp_q25: float | None = None
+    pp_q75: float | None = None
+    tg_q25: float | None = None
+    tg_q75: float | None = None
+    speed_runs: int | None = None
+
+    def with_runs(self, runs: "SpeedRuns") -> "Speed":
+        """This record with its speeds taken from interleaved runs (medians and quartiles)."""
+        summary = runs.summary()
+        return dataclasses.replace(
+            self, pp_tok_per_s=summary["pp"]["median"], tg_tok_per_s=summary["tg"]["median"],
+            pp_q25=summary["pp"]["q25"], pp_q75=summary["pp"]["q75"], tg_q25=summary["tg"]["q25"],
+            tg_q75=summary["tg"]["q75"], speed_runs=summary["pp"]["runs"])
 
 
 def llama_bench_tests(llm, pp_tokens: int, tg_tokens: int) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -153,23 +169,36 @@ class SpeedRuns:
 
 
 def interleaved_llama_speeds(paths: Sequence[str], pp_tokens: int, tg_tokens: int, rounds: int,
-                             n_threads: int) -> list[SpeedRuns]:
-    """pp and tg tok/s of several GGUFs measured in turn: every model is loaded (and warmed up once), then each
-    of `rounds` rounds runs every model's pp and tg test once. A machine whose speed drifts (a shared host, a
-    cooling CPU) then slows every model alike, and the medians compare like with like."""
-    llms = [open_llama(p, max(pp_tokens, tg_tokens) + 8, max(pp_tokens, 1), False, n_threads) for p in paths]
-    tests = [llama_bench_tests(llm, pp_tokens, tg_tokens) for llm in llms]
-    for pp, tg in tests:
+                             n_threads: int, keep_loaded: bool = True, progress: bool = False) -> list[SpeedRuns]:
+    """pp and tg tok/s of several GGUFs measured in turn: each of `rounds` rounds runs every model's pp and tg
+    test once, so a machine whose speed drifts (a shared host, a cooling CPU) slows every model alike and the
+    medians compare like with like. With `keep_loaded` every model stays loaded (warmed up once); without, each
+    is loaded and warmed up again for each of its turns (models that do not fit memory together)."""
+    from tqdm import tqdm
+
+    def opened(path):
+        llm = open_llama(path, max(pp_tokens, tg_tokens) + 8, max(pp_tokens, 1), False, n_threads)
+        pp, tg = llama_bench_tests(llm, pp_tokens, tg_tokens)
         pp()
         tg()
+        return llm, pp, tg
+
+    loaded = [opened(p) for p in paths] if keep_loaded else None
     runs = [SpeedRuns([], []) for _ in paths]
-    for _ in range(rounds):
-        for (pp, tg), out in zip(tests, runs):
-            for fn, n_tokens, values in ((pp, pp_tokens, out.pp_tok_per_s), (tg, tg_tokens, out.tg_tok_per_s)):
-                t0 = time.perf_counter()
-                fn()
-                values.append(n_tokens / (time.perf_counter() - t0))
-    for llm in llms:
+    with tqdm(total=rounds * len(paths), desc="speed (interleaved)", unit="run", disable=not progress,
+              file=sys.stderr) as bar:
+        for _ in range(rounds):
+            for i, path in enumerate(paths):
+                llm, pp, tg = loaded[i] if keep_loaded else opened(path)
+                for fn, n_tokens, values in ((pp, pp_tokens, runs[i].pp_tok_per_s),
+                                             (tg, tg_tokens, runs[i].tg_tok_per_s)):
+                    t0 = time.perf_counter()
+                    fn()
+                    values.append(n_tokens / (time.perf_counter() - t0))
+                if not keep_loaded:
+                    llm.close()
+                bar.update()
+    for llm, _, _ in loaded or []:
         llm.close()
     return runs
 

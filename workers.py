@@ -26,7 +26,7 @@ import numpy as np
 from cli import UserError
 from metrics import evaluate_quality
 from reference import DEFAULT_CACHE_DIR, build_reference, open_reference, weight_files
-from runtimes import (Speed, SpeedRuns, gpu_used_bytes, llama_gpu_offload, llama_greedy, llama_logits_fn, llama_speed,
+from runtimes import (Speed, SpeedRuns, gpu_used_bytes, llama_gpu_offload, llama_greedy, llama_logits_fn, llama_bench_tests,
                       load_transformers_model, open_llama, peak_rss_bytes, transformers_device, transformers_dtype_name,
                       transformers_greedy, transformers_logits_fn, transformers_speed)
 
@@ -85,19 +85,22 @@ def progress_bar(job: ModelJob, what: str):
 
 
 def measure_gguf(job: ModelJob) -> ModelResult:
-    """Load time, speed and peak memory, then greedy generations and quality of one GGUF via llama.cpp.
+    """Load time and peak memory, then greedy generations and quality of one GGUF via llama.cpp. Its speed is
+    measured later, interleaved with the other GGUFs' (interleaved_speeds); here one pp and one tg run make
+    the memory what running the model takes.
 
-    Peak RSS and GPU memory are read after the speed runs, before the evaluation context (whose
-    n_ctx x vocab logit buffer is measurement overhead, not what running the model costs) is created.
+    Peak RSS and GPU memory are read after those runs, before the evaluation context (whose n_ctx x vocab
+    logit buffer is measurement overhead, not what running the model costs) is created.
     """
     s = job.settings
     gpu_before = gpu_used_bytes()
     t0 = time.perf_counter()
     llm = open_llama(job.path, max(s.pp_tokens, s.tg_tokens), max(s.pp_tokens, 1), False, s.n_threads)
     load_s = time.perf_counter() - t0
-    pp, tg = llama_speed(llm, s.pp_tokens, s.tg_tokens, s.speed_runs)
+    for test in llama_bench_tests(llm, s.pp_tokens, s.tg_tokens):
+        test()
     gpu_after = gpu_used_bytes()
-    speed = Speed(load_s, pp, tg, peak_rss_bytes(),
+    speed = Speed(load_s, None, None, peak_rss_bytes(),
                   gpu_after - gpu_before if gpu_after is not None and gpu_before is not None else None)
     llm.close()
 
@@ -205,19 +208,23 @@ def run_job(job: ModelJob, isolate: bool = True) -> ModelResult:
                     f"measuring {job.name} failed: {error_type}: {message}")
 
 
-def interleaved_speeds(paths: list[str], pp_tokens: int, tg_tokens: int, rounds: int, n_threads: int
-                       ) -> list[SpeedRuns]:
-    """runtimes.interleaved_llama_speeds of these GGUFs, in a fresh Python that imports llama.cpp first and
-    never torch (see the module docstring); one clear error if that process fails."""
+KEEP_LOADED_BYTES = 8 * 2**30     # GGUFs up to this much in all stay loaded through an interleaved benchmark
+
+
+def interleaved_speeds(paths: list[str], pp_tokens: int, tg_tokens: int, rounds: int, n_threads: int,
+                       progress: bool = True) -> list[SpeedRuns]:
+    """runtimes.interleaved_llama_speeds of these GGUFs (all loaded at once when they take at most
+    KEEP_LOADED_BYTES), in a fresh Python that imports llama.cpp first and never torch (see the module
+    docstring); one clear error if that process fails."""
     code = ("import llama_cpp\nimport json, sys\nimport runtimes\n"
-            "args = json.loads(sys.argv[1])\n"
-            "runs = runtimes.interleaved_llama_speeds(**args)\n"
+            "runs = runtimes.interleaved_llama_speeds(**json.loads(sys.argv[1]))\n"
             "print(json.dumps([vars(r) for r in runs]))\n")
+    keep_loaded = sum(os.path.getsize(p) for p in paths) <= KEEP_LOADED_BYTES
     args = {"paths": [str(p) for p in paths], "pp_tokens": pp_tokens, "tg_tokens": tg_tokens, "rounds": rounds,
-            "n_threads": n_threads}
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+            "n_threads": n_threads, "keep_loaded": keep_loaded, "progress": progress}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE, text=True,
                           env=repo_python_env(), cwd=REPO_DIR)
     if done.returncode != 0:
         raise UserError(f"the speed benchmark of {', '.join(Path(p).name for p in paths)} "
-                        f"{exit_description(done.returncode)}: {done.stderr.strip()[-500:]}")
+                        f"{exit_description(done.returncode)} (its output is above)")
     return [SpeedRuns(**r) for r in json.loads(done.stdout.strip().splitlines()[-1])]

