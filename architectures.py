@@ -43,6 +43,8 @@ class SourceTensor:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int               # its data's first byte in the file
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -90,12 +92,16 @@ class ModelInfo:
         return sum(math.prod(t.shape) for t in self.tensors)
 
 
-def _read_safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header without its metadata, file offset of the data section) of a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + n
 
 
 def _checkpoint_tensors(model_dir: Path) -> dict[str, SourceTensor]:
@@ -112,8 +118,11 @@ def _checkpoint_tensors(model_dir: Path) -> dict[str, SourceTensor]:
         path = model_dir / fname
         if not path.is_file():
             raise ValueError(f"checkpoint shard {fname} listed in the index is missing from {model_dir}")
-        for name, meta in _read_safetensors_header(path).items():
-            out[name] = SourceTensor(path, meta["dtype"], tuple(int(s) for s in meta["shape"]))
+        header, data_start = _read_safetensors_header(path)
+        for name, meta in header.items():
+            begin, end = meta["data_offsets"]
+            out[name] = SourceTensor(path, meta["dtype"], tuple(int(s) for s in meta["shape"]),
+                                     data_start + int(begin), int(end) - int(begin))
     return out
 
 
@@ -250,6 +259,22 @@ def gguf_name(info: ModelInfo, hf_name: str) -> str:
     if name is None:
         raise ValueError(f"no GGUF name for {hf_name!r} in architecture {info.arch}")
     return name
+
+
+def checkpoint_content_hash(info: ModelInfo, sample_bytes: int = 4096) -> str:
+    """A hash of the checkpoint's values, cheap at any size: every exported tensor's name, dtype and shape and
+    three samples of its stored bytes (start, middle, end). Two checkpoints of the same shape, a fine-tune and
+    its base say, differ in it; a config or a GGUF made from one is refused for the other."""
+    h = hashlib.sha256()
+    for name in sorted(info.sources):
+        src = info.sources[name]
+        h.update(f"{name}|{src.dtype}|{list(src.shape)}".encode())
+        starts = sorted({0, max(0, src.nbytes // 2 - sample_bytes // 2), max(0, src.nbytes - sample_bytes)})
+        with open(src.file, "rb") as f:
+            for start in starts:
+                f.seek(src.offset + start)
+                h.update(f.read(min(sample_bytes, src.nbytes - start)))
+    return h.hexdigest()[:16]
 
 
 def shape_signature(info: ModelInfo) -> str:

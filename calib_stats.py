@@ -24,6 +24,7 @@ imatrix GGUF.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,7 +240,12 @@ def cached_statistics(model: nn.Module, calib_ids: torch.Tensor, device="auto", 
                             "gram_max_dim": gram_max_dim})
     path = Path(cache_dir) / f"stats-{key}.pt"
     if path.is_file():
-        return load_statistics(path)
+        try:
+            return load_statistics(path)
+        except Exception as exc:   # a cache file cut short or altered, whatever torch.load makes of it
+            print(f"warning: discarding unreadable cache entry {path} ({type(exc).__name__}); collecting the "
+                  "statistics again", file=sys.stderr)
+            path.unlink(missing_ok=True)
     stats = collect()
     save_statistics(stats, path)
     return stats
@@ -247,14 +253,12 @@ def cached_statistics(model: nn.Module, calib_ids: torch.Tensor, device="auto", 
 
 def main(argv=None) -> None:
     """Statistics and an imatrix GGUF from the command line, like llama-imatrix."""
-    import argparse
     import time
 
     import cli
     import data_utils
     import imatrix_file
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.Parser(__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     data_utils.add_calib_args(parser)
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward call")
@@ -267,7 +271,7 @@ def main(argv=None) -> None:
     parser.add_argument("--imatrix", default=None, help="also write a llama.cpp imatrix GGUF here")
     args = parser.parse_args(argv)
     print(" ".join(f"{k}={v}" for k, v in vars(args).items()))
-    with cli.reported_errors(ValueError, RuntimeError, OSError):
+    with cli.reported_errors(ValueError, OSError):
         t0 = time.perf_counter()
         model, tokenizer = load_model_and_tokenizer(args.model)
         source = args.calib_file or args.calib_dataset

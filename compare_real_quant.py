@@ -19,8 +19,7 @@ DEFAULTS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.Parser(__doc__.splitlines()[0])
     parser.add_argument("--model_id", default=DEFAULTS["model_id"], help="original model: HF id or local directory")
     parser.add_argument("--gguf_path", default=DEFAULTS["gguf_path"], help="GGUF to compare")
     comparison.add_measurement_args(parser)

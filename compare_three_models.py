@@ -42,8 +42,7 @@ DEFAULTS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.Parser(__doc__.splitlines()[0])
     parser.add_argument("--model_id", default=DEFAULTS["model_id"], help="original model: HF id or local directory")
     parser.add_argument("--q4km_path", default=DEFAULTS["q4km_path"], help="uniform Q4_K_M GGUF")
     parser.add_argument("--mixed_path", default=DEFAULTS["mixed_path"], help="mixed-precision GGUF")

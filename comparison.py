@@ -17,7 +17,8 @@ import numpy as np
 import architectures
 import compare_report
 import files
-from cli import UserError
+import gguf_plan
+from cli import UserError, at_least
 from metrics import first_scored
 from reference import Reference, build_reference, open_reference, reference_key, transformers_source_id
 from runtimes import (Speed, llama_gpu_offload, load_transformers_model, transformers_device,
@@ -88,14 +89,13 @@ def model_facts(model_dir: Path) -> ModelFacts:
     return ModelFacts(arch, int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), int(cfg["vocab_size"]))
 
 
-def check_gguf_matches_model(gguf_path, model_dir: Path, tokenizer) -> None:
+def check_gguf_matches_model(gguf_path, model_dir: Path, tokenizer, allow_other_checkpoint: bool = False) -> None:
     """Refuse a GGUF that is not a quantization of this model: architecture, block count, embedding size and
-    vocabulary size must equal the checkpoint's, and every regular (non-added) token must be the same string
-    at the same id. Raises one UserError listing every difference."""
-    try:
-        reader = gguf.GGUFReader(str(gguf_path))
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{gguf_path} is not a readable GGUF file ({exc})") from None
+    vocabulary size must equal the checkpoint's, every regular (non-added) token must be the same string at the
+    same id, and a GGUF our exporter wrote must name this checkpoint's content hash (another checkpoint of the
+    same shape scores nonsense against it) unless `allow_other_checkpoint`. Raises one UserError listing every
+    difference."""
+    reader = files.read_gguf(gguf_path, "GGUF file")
 
     def field(name):
         f = reader.fields.get(name)
@@ -118,6 +118,12 @@ def check_gguf_matches_model(gguf_path, model_dir: Path, tokenizer) -> None:
             in_gguf = repr(tokens[i]) if i < len(tokens) else "nothing"
             diffs.append(f"tokenizer differs at {len(bad)} tokens (id {i}: {in_gguf} in the GGUF, {t!r} in "
                          "the model)")
+    made_from = field(gguf_plan.CHECKPOINT_HASH_KEY)
+    if not diffs and made_from is not None and not allow_other_checkpoint:
+        content = architectures.checkpoint_content_hash(architectures.load_model_info(model_dir))
+        if made_from != content:
+            diffs.append(f"it was made from another checkpoint of this shape (content hash {made_from}, the model "
+                         f"has {content}; --allow_other_checkpoint compares them anyway)")
     if diffs:
         raise UserError(f"{gguf_path} is not a GGUF of {model_dir}: " + "; ".join(diffs))
 
@@ -231,38 +237,35 @@ def measure_speeds_interleaved(results: list, settings: Settings) -> None:
 def add_measurement_args(parser) -> None:
     """Options shared by compare_real_quant.py and compare_three_models.py (DESIGN.md's tables extended)."""
     d = Settings()
-    parser.add_argument("--max_tokens", type=int, default=d.max_tokens, help="tokens to generate per prompt")
+    parser.add_argument("--max_tokens", type=at_least(0), default=d.max_tokens, help="tokens to generate per prompt")
     parser.add_argument("--eval_file", default=None,
                         help="evaluation text (.txt/.tokens/.raw/.jsonl/.parquet); default wikitext-2-raw-v1 "
                              "test through datasets")
-    parser.add_argument("--seq_len", type=int, default=d.seq_len, help="tokens per evaluation window")
-    parser.add_argument("--n_windows", type=int, default=d.n_windows,
+    parser.add_argument("--seq_len", type=at_least(4), default=d.seq_len, help="tokens per evaluation window")
+    parser.add_argument("--n_windows", type=at_least(1), default=d.n_windows,
                         help="evaluation windows (consecutive, from the start of the text)")
     parser.add_argument("--prompts", default=None,
                         help=f"file of extra prompts, one per line (added to {DEFAULT_PROMPTS_FILE.name})")
     parser.add_argument("--report", default=None, metavar="DIR",
                         help="write results.json, report.md and PNG plots here")
-    parser.add_argument("--pp_tokens", type=int, default=d.pp_tokens, help="prompt length for the pp speed test")
-    parser.add_argument("--tg_tokens", type=int, default=d.tg_tokens, help="decoded tokens for the tg speed test")
-    parser.add_argument("--speed_runs", type=int, default=d.speed_runs,
+    parser.add_argument("--pp_tokens", type=at_least(1), default=d.pp_tokens,
+                        help="prompt length for the pp speed test")
+    parser.add_argument("--tg_tokens", type=at_least(1), default=d.tg_tokens,
+                        help="decoded tokens for the tg speed test")
+    parser.add_argument("--speed_runs", type=at_least(1), default=d.speed_runs,
                         help="interleaved rounds of the GGUFs' speed tests (medians and quartiles reported)")
-    parser.add_argument("--threads", type=int, default=d.n_threads, help="CPU threads (llama.cpp and torch)")
+    parser.add_argument("--threads", type=at_least(1), default=d.n_threads, help="CPU threads (llama.cpp and torch)")
     parser.add_argument("--device", default=d.device, help="device of the transformers model: auto|cuda|mps|cpu")
     parser.add_argument("--cache_dir", default=d.cache_dir, help="cache of the original's logits")
     parser.add_argument("--reference_dtype", default=d.reference_dtype, choices=["auto", "float32", "float16"],
                         help="storage of cached log-probs (auto: float32 up to 1 GiB, else float16)")
+    parser.add_argument("--allow_other_checkpoint", action="store_true",
+                        help="compare a GGUF our exporter made from another checkpoint of this shape anyway")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
 def settings_from_args(args) -> Settings:
-    """Settings from parsed add_measurement_args options."""
-    for name in ("seq_len", "pp_tokens", "tg_tokens", "speed_runs", "threads"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.seq_len < 4:
-        raise UserError("--seq_len must be at least 4")
-    if args.max_tokens < 0 or (args.n_windows is not None and args.n_windows < 1):
-        raise UserError("--max_tokens must be >= 0 and --n_windows >= 1")
+    """Settings from parsed add_measurement_args options (their ranges are checked when parsed)."""
     return Settings(seq_len=args.seq_len, n_windows=args.n_windows, pp_tokens=args.pp_tokens,
                     tg_tokens=args.tg_tokens, speed_runs=args.speed_runs, max_tokens=args.max_tokens,
                     n_threads=args.threads, device=args.device, cache_dir=args.cache_dir,
@@ -285,7 +288,7 @@ def run_comparison(args, ggufs: list[tuple[str, str]]) -> None:
 
     original = load_original(args.model_id)
     for _, path in ggufs:
-        check_gguf_matches_model(path, original.model_dir, original.tokenizer)
+        check_gguf_matches_model(path, original.model_dir, original.tokenizer, args.allow_other_checkpoint)
     windows = load_eval_windows(args.eval_file, original.tokenizer, settings.seq_len, settings.n_windows)
     prompts = load_prompts(args.prompts)
     print(f"{'evaluation':<16} {len(windows)} windows of {settings.seq_len} tokens, "

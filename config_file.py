@@ -12,29 +12,28 @@ import torch
 
 import files
 import gguf_plan
-from architectures import ModelInfo, quantizable_tensors, shape_signature
+from architectures import ModelInfo, checkpoint_content_hash, quantizable_tensors, shape_signature
 from cli import UserError
 from quant_utils import get_type
 
-CONFIG_FORMAT_VERSION = 2        # 2: shape_signature and weight_sample_hashes (were model_fingerprint and
-                                 # fingerprints)
+CONFIG_FORMAT_VERSION = 3        # 2: shape_signature (was model_fingerprint); 3: checkpoint_content_hash
 
 
 def load_config(path, info: ModelInfo) -> dict:
     """Read the mixed-precision config (the search's output) and check that it was made for this model.
 
     Format: a plain dict saved with torch.save, loadable with torch.load(weights_only=True):
-      "format_version":    1
+      "format_version":    3
       "shape_signature":   architectures.shape_signature(info) of the model the config was made for
+      "checkpoint_content_hash": architectures.checkpoint_content_hash(info) of that checkpoint: another
+                           checkpoint of the same shape (a fine-tune, its base) is refused
       "tensor_types":      {hf_name: ggml type name} for every tensor of architectures.quantizable_tensors(info);
                            a type that does not fit a row length falls back by gguf_plan.resolve_type
       "imatrix":           optional {hf_name: 1-D float tensor}, per input column the mean squared activation
                            (llama.cpp's imatrix: sum of squares / count), used when quantizing that tensor
       "imatrix_path":      optional path of a llama.cpp imatrix GGUF (used if "imatrix" is absent)
       "quantized_tensors": optional {"path": tensor file name beside the config (write_quantized_tensors),
-                           "weight_sample_hashes": {hf_name: files.weight_sample_hash of the checkpoint
-                           weight it was made from}}:
-                           these tensors ship as the file holds them
+                           "tensors": [hf_name, ...]}: these tensors ship as the file holds them
     --imatrix on the command line overrides both (not the tensor file's tensors). Returns the dict with type
     names normalised and the tensor file's path resolved.
     """
@@ -43,15 +42,20 @@ def load_config(path, info: ModelInfo) -> dict:
         raise UserError(f"config {path} not found: run mixed_precision_ptq.py first, or pass --preset NAME")
     try:
         cfg = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"config {path} cannot be read with torch.load(weights_only=True): "
-                        f"{str(exc).splitlines()[0]}") from None
+    except Exception as exc:   # any way a user's file fails to unpickle (empty, cut short, not ours) is one line
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"config {path} cannot be read with torch.load(weights_only=True): {first_line}") from None
     if not isinstance(cfg, dict) or cfg.get("format_version") != CONFIG_FORMAT_VERSION:
         raise UserError(f"config {path} is not a format_version {CONFIG_FORMAT_VERSION} mixed-precision config")
     want = shape_signature(info)
     if cfg.get("shape_signature") != want:
         raise UserError(f"config {path} was made for another model (shape {cfg.get('shape_signature')}, "
                         f"{info.name} has {want}); rerun the search for this model")
+    content = checkpoint_content_hash(info)
+    if cfg.get("checkpoint_content_hash") != content:
+        raise UserError(f"config {path} was made from another checkpoint of this shape (content hash "
+                        f"{cfg.get('checkpoint_content_hash')}, {info.model_dir} has {content}); rerun the search "
+                        "for this checkpoint")
     types = cfg.get("tensor_types")
     if not isinstance(types, dict):
         raise UserError(f"config {path} has no tensor_types dict")
@@ -63,15 +67,15 @@ def load_config(path, info: ModelInfo) -> dict:
     check_smoothing(cfg.get("smoothing"), info, path)
     shipped = cfg.get("quantized_tensors")
     if shipped:
-        if not isinstance(shipped, dict) or not isinstance(shipped.get("weight_sample_hashes"), dict):
-            raise UserError(f"config {path}: quantized_tensors must name a tensor file and weight hashes")
-        unknown = set(shipped["weight_sample_hashes"]) - set(cfg["tensor_types"])
+        if not isinstance(shipped, dict) or not isinstance(shipped.get("tensors"), list):
+            raise UserError(f"config {path}: quantized_tensors must name a tensor file and its tensors")
+        unknown = set(shipped["tensors"]) - set(cfg["tensor_types"])
         if unknown:
             raise UserError(f"config {path}: quantized_tensors names {sorted(unknown)[0]}, which has no type")
         tensor_file = path.parent / str(shipped.get("path"))
         if not tensor_file.is_file():
-            raise UserError(f"config {path} ships {len(shipped['weight_sample_hashes'])} tensors from {tensor_file}, "
-                            "which is missing: keep the search's outputs together, or rerun the search")
+            raise UserError(f"config {path} ships {len(shipped['tensors'])} tensors from {tensor_file}, which is "
+                            "missing: keep the search's outputs together, or rerun the search")
         cfg["quantized_tensors"] = dict(shipped, path=str(tensor_file))
     return cfg
 
@@ -96,6 +100,7 @@ def save_config(path, info: ModelInfo, tensor_types: dict, imatrix: dict | None 
     search's record (budget, measured KLD, history...): plain values only, so weights_only loading works."""
     gguf_plan.plan_types(info, tensor_types)
     cfg = {"format_version": CONFIG_FORMAT_VERSION, "shape_signature": shape_signature(info),
+           "checkpoint_content_hash": checkpoint_content_hash(info),
            "tensor_types": {n: get_type(t).name for n, t in tensor_types.items()}}
     if imatrix is not None:
         cfg["imatrix"] = {n: torch.as_tensor(v, dtype=torch.float32).reshape(-1) for n, v in imatrix.items()}
@@ -134,7 +139,7 @@ def read_quantized_tensors(path, info: ModelInfo, tensor_types: dict[str, str],
                            names) -> dict[str, np.ndarray]:
     """{hf_name: uint8 [rows, row bytes]} of `names` from a tensor file (write_quantized_tensors), each checked
     to be there with the planned type and shape (memory-mapped: nothing is read until used)."""
-    by_gguf = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    by_gguf = {t.name: t for t in files.read_gguf(path, "tensor file of the search's config").tensors}
     specs = {t.hf_name: t for t in info.tensors}
     out = {}
     for name in names:

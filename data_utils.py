@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import UserError
+from cli import UserError, at_least
 
 HUB_HINT = ("pass local text with --calib_file (e.g. ../shared/data/wikitext-2/wiki.valid.tokens) "
             "and --eval_file (wiki.test.tokens)")
@@ -50,27 +50,40 @@ def load_wikitext2(split: str) -> list[str]:
 
 def read_text_file(path: Path) -> list[str]:
     """A plain text file (.txt, or WikiText's .tokens) as one document."""
-    return [path.read_text(encoding="utf-8")]
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as exc:
+        raise DataSourceError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def read_jsonl_file(path: Path) -> list[str]:
     """One document per line: the "text" field of each JSON object."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataSourceError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataSourceError(f"{path}:{line_no}: expected a JSON object with a string \"text\" field")
-            docs.append(record["text"])
+        except json.JSONDecodeError as exc:
+            raise DataSourceError(f"{path}:{line_no}: not JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataSourceError(f"{path}:{line_no}: expected a JSON object with a string \"text\" field")
+        docs.append(record["text"])
     return docs
 
 
 def read_parquet_file(path: Path) -> list[str]:
     """The "text" column of a parquet file, one document per row."""
+    import pyarrow
     import pyarrow.parquet as pq
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except pyarrow.ArrowException as exc:
+        raise DataSourceError(f"{path} is not a readable parquet file ({exc})") from None
     if "text" not in table.column_names:
         raise DataSourceError(f"{path}: no \"text\" column (columns: {', '.join(table.column_names)})")
     return [t for t in table.column("text").to_pylist() if t]
@@ -221,7 +234,7 @@ def add_calib_args(parser) -> None:
                         help="local calibration text (.txt/.tokens, .jsonl, .parquet; several allowed); "
                              "overrides --calib_dataset")
     parser.add_argument("--calib_chat", action="store_true", help="wrap samples in the model's chat template")
-    parser.add_argument("--n_samples", type=int, default=128, help="calibration windows")
-    parser.add_argument("--seq_len", type=int, default=512, help="tokens per window")
+    parser.add_argument("--n_samples", type=at_least(1), default=128, help="calibration windows")
+    parser.add_argument("--seq_len", type=at_least(2), default=512, help="tokens per window")
     parser.add_argument("--seed", type=int, default=0, help="window sampling seed")
     parser.add_argument("--device", default="auto", help="cuda | mps | cpu | auto")

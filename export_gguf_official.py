@@ -35,11 +35,10 @@ DEFAULTS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.Parser(__doc__.splitlines()[0])
     parser.add_argument("--model_id", default=DEFAULTS["model_id"], help="HF model id or local directory")
     parser.add_argument("--config", default=DEFAULTS["config"], help="mixed-precision config from the search")
-    parser.add_argument("--output", default=DEFAULTS["output"], help="output GGUF")
+    parser.add_argument("--output", default=DEFAULTS["output"], type=cli.output_file(".gguf"), help="output GGUF")
     parser.add_argument("--preset", default=None, type=str.upper, choices=list(gguf_plan.PRESETS), metavar="NAME",
                         help="write llama.cpp's uniform recipe instead of a config: "
                              + ", ".join(gguf_plan.PRESETS))

@@ -28,6 +28,32 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.part")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Remove temporary files of `path` left by runs that were killed (`.<name>.<pid>.part` of a process that
+    no longer runs)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.part"):
+        pid = stale.name[len(path.name) + 2:-len(".part")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(stale)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -38,19 +64,69 @@ def _remove(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write a file (or a directory) to; on success it replaces `path` (an existing
-    directory there is removed first), on any failure it is removed and `path` is left as it was."""
+    directory there is removed first), on any failure it is removed and `path` is left as it was. A write that
+    fails for the file system's reasons (full, read-only, not permitted) is a UserError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    _remove(tmp)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        _remove(tmp)
         yield tmp
         if tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         _remove(tmp)
         raise
+
+
+class OutputSet:
+    """Files a run writes as one set: each is written under a temporary name (`path(final)`), and `commit`
+    renames them all into place once every one is complete; until then, and after a failure (`discard`),
+    the files of an earlier run stay as they were. Use as a context manager: commit on success."""
+
+    def __init__(self):
+        self.pending: dict[Path, Path] = {}     # final path -> temporary path
+        self.removed: list[Path] = []           # earlier outputs this set does not have
+
+    def path(self, final: str | os.PathLike) -> Path:
+        """Where to write `final` for now."""
+        final = Path(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final)
+        self.pending[final] = temp_path(final)
+        return self.pending[final]
+
+    def remove(self, final: str | os.PathLike) -> None:
+        """An earlier run's output that this set replaces with nothing (removed on commit)."""
+        self.removed.append(Path(final))
+
+    def commit(self) -> None:
+        try:
+            for final, tmp in self.pending.items():
+                os.replace(tmp, final)
+            for final in self.removed:
+                final.unlink(missing_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot write the outputs beside {next(iter(self.pending))}: "
+                            f"{exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        for tmp in self.pending.values():
+            _remove(tmp)
+
+    def __enter__(self) -> "OutputSet":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -108,13 +184,14 @@ def file_stat_signature(paths: Sequence[str | os.PathLike]) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-def weight_sample_hash(weight) -> str:
-    """Of a checkpoint weight as float32, before any smoothing: the hash of 8 evenly spread rows. Tells apart
-    the same tensor of two checkpoints (a fine-tune changes every row), cheap at 7B scale."""
-    import torch
-    rows = torch.linspace(0, weight.shape[0] - 1, 8).round().long().unique()
-    sample = weight.detach()[rows.to(weight.device)].float().cpu().contiguous().numpy()
-    return hashlib.sha256(sample.tobytes()).hexdigest()[:16]
+def read_gguf(path: str | os.PathLike, what: str = "GGUF"):
+    """gguf-py's reader of a file the user named; a file that is not a GGUF, or is cut short, is one UserError
+    naming it (`what` says what the file should have been)."""
+    import gguf
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OSError) as exc:   # gguf-py's ways of meeting a broken file
+        raise UserError(f"{path} is not a readable {what} ({type(exc).__name__}: {exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ class ExportPlan:
     imatrix: dict | None = None        # hf_name -> float32 per-column importance
     smoothing: Smoothing = field(default_factory=Smoothing)   # exact rescaling applied to the tensors first
     shipped: dict = field(default_factory=dict)        # hf_name -> uint8 [rows, row bytes], HF row order
-    weight_sample_hashes: dict = field(default_factory=dict)  # hf_name -> files.weight_sample_hash, `shipped`
 
     @property
     def tensor_types(self) -> dict:
@@ -67,8 +66,7 @@ def plan_from_config(info, cfg: dict, imatrix_path=None) -> ExportPlan:
     plan.smoothing = Smoothing.from_dict(cfg.get("smoothing"))
     if cfg.get("quantized_tensors"):
         shipped = cfg["quantized_tensors"]
-        plan.weight_sample_hashes = dict(shipped["weight_sample_hashes"])
-        plan.shipped = read_quantized_tensors(shipped["path"], info, plan.stored_types, plan.weight_sample_hashes)
+        plan.shipped = read_quantized_tensors(shipped["path"], info, plan.stored_types, shipped["tensors"])
     return plan
 
 
@@ -89,13 +87,9 @@ def tensor_values(info, spec: GGUFTensor, smoothing: Smoothing | None = None) ->
     return to_gguf_row_order(info, spec.hf_name, w).numpy()
 
 
-def shipped_tensor(info, spec: GGUFTensor, rows: np.ndarray, weight_hash: str) -> np.ndarray:
-    """The tensor file's bytes of one tensor in llama.cpp's row order, after checking that the checkpoint holds
-    the weight they were made from."""
-    found = files.weight_sample_hash(_read_float32(info.sources[spec.hf_name], spec.hf_name))
-    if found != weight_hash:
-        raise UserError(f"the config's quantized {spec.hf_name} was made from another checkpoint (weight hash "
-                        f"{weight_hash}, this one has {found}); rerun the search for this model")
+def shipped_tensor(info, spec: GGUFTensor, rows: np.ndarray) -> np.ndarray:
+    """The tensor file's bytes of one tensor in llama.cpp's row order (the config was checked to be of this
+    checkpoint by its content hash)."""
     return np.ascontiguousarray(to_gguf_row_order(info, spec.hf_name, rows)).reshape(-1)
 
 
@@ -160,8 +154,7 @@ def _tensor_data(plan: ExportPlan, spec: GGUFTensor, bar) -> np.ndarray:
     bar.set_postfix_str(f"{spec.gguf_name} {qtype}", refresh=False)
     try:
         if spec.hf_name in plan.shipped:
-            return shipped_tensor(plan.info, spec, plan.shipped[spec.hf_name],
-                                  plan.weight_sample_hashes[spec.hf_name])
+            return shipped_tensor(plan.info, spec, plan.shipped[spec.hf_name])
         return encode_tensor(tensor_values(plan.info, spec, plan.smoothing), qtype,
                              (plan.imatrix or {}).get(spec.hf_name))
     except (ValueError, RuntimeError) as exc:

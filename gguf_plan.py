@@ -15,9 +15,13 @@ import gguf
 import numpy as np
 
 import files
-from architectures import GGUFTensor, ModelInfo, quantizable_tensors, shape_signature
+from architectures import GGUFTensor, ModelInfo, checkpoint_content_hash, quantizable_tensors, shape_signature
 from gguf_vocab import add_vocab_metadata, read_vocab
 from quant_utils import get_type
+
+# The checkpoint a GGUF was made from (architectures.checkpoint_content_hash): llama.cpp ignores the key; the
+# comparison scripts refuse a GGUF of another checkpoint by it.
+CHECKPOINT_HASH_KEY = "mixed_precision.checkpoint_content_hash"
 
 # --------------------------------------------------------------------------------------------------------------
 # Types: fallback rule and llama.cpp's presets
@@ -203,6 +207,7 @@ def _add_model_metadata(w: gguf.GGUFWriter, info: ModelInfo, file_type: int) -> 
     cfg = info.config
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(info.name)
+    w.add_string(CHECKPOINT_HASH_KEY, checkpoint_content_hash(info))   # our own key: which checkpoint this is
     w.add_file_type(int(file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_block_count(info.n_layers)
@@ -296,6 +301,15 @@ def gguf_tensor_bytes(info: ModelInfo, hf_name: str, type_name: str) -> int:
     fallback, padded to the 32-byte alignment). Additive: the file size is gguf_fixed_bytes plus these."""
     rows, row_len = quantizable_tensors(info)[hf_name]
     return _pad(get_type(resolve_type(type_name, row_len)[0]).tensor_size_bytes((rows, row_len)))
+
+
+def size_range(info: ModelInfo, menus: dict[str, tuple[str, ...]]) -> tuple[int, int]:
+    """The smallest and largest file sizes of assignments that give each tensor a type of its menu."""
+    low = high = gguf_fixed_bytes(info)
+    for name, menu in menus.items():
+        sizes = [gguf_tensor_bytes(info, name, t) for t in menu]
+        low, high = low + min(sizes), high + max(sizes)
+    return low, high
 
 
 def gguf_file_size(info: ModelInfo, tensor_types: dict[str, str]) -> int:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 
-if __name__ == "__main__":
-    # Before torch loads OpenMP: torch's threads and ggml's quantizer threads take turns on the same cores, and
-    # OpenMP's default spinning after each parallel region keeps a core from ggml (the search ran 14% longer on
-    # 2 cores). Set for this run only (not for an importer); an explicit setting in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: torch's threads and ggml's quantizer threads take turns on the same cores, and
+# OpenMP's default spinning after each parallel region keeps a core from ggml (the search ran 14% longer on 2
+# cores). Set for this run only, when the environment does not say: not for an importer, and not for the
+# llama.cpp processes the run starts (their decode is 3x slower with passive OpenMP threads on 2 cores).
+PASSIVE_OPENMP = __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ
+if PASSIVE_OPENMP:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import argparse
 import contextlib
@@ -28,6 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+if PASSIVE_OPENMP:
+    del os.environ["OMP_WAIT_POLICY"]        # read when torch loaded OpenMP; child processes get the default
+
 from tqdm.auto import tqdm
 
 import architectures
@@ -48,6 +54,7 @@ import sensitivity
 import sensitivity_table
 import smoothing
 import speed_costs
+from cli import UserError
 from model_blocks import load_model_and_tokenizer, resolve_device
 
 # llama.cpp presets offered to the GA as seeds and used as the uniform baseline at the budget.
@@ -56,35 +63,39 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(__doc__.split("\n\n")[0])
     p.add_argument("--model_id", default="Qwen/Qwen2.5-7B-Instruct", help="HF model id or local directory")
-    p.add_argument("--output", default="mixed_precision_config.pt", help="config path (.json twin beside it)")
-    p.add_argument("--ga_pop", type=int, default=20, help="GA population size")
-    p.add_argument("--ga_gen", type=int, default=12, help="GA generations")
-    p.add_argument("--ga_measure", type=int, default=1, help="individuals whose KLD is measured per generation")
+    p.add_argument("--output", default="mixed_precision_config.pt", type=cli.output_file(".pt"),
+                   help="config path (.pt); its .json twin and the other outputs go beside it")
+    p.add_argument("--ga_pop", type=cli.at_least(3), default=20, help="GA population size")
+    p.add_argument("--ga_gen", type=cli.at_least(1), default=12, help="GA generations")
+    p.add_argument("--ga_measure", type=cli.at_least(1), default=1,
+                   help="individuals whose KLD is measured per generation")
     budget = p.add_argument_group("size budget (one of them; default --target_compression 0.25)")
     exclusive = budget.add_mutually_exclusive_group()
-    exclusive.add_argument("--target_compression", type=float, default=None,
+    exclusive.add_argument("--target_compression", type=cli.positive_number, default=None,
                            help="file size as a fraction of the F16 GGUF's (default 0.25)")
-    exclusive.add_argument("--target_bpw", type=float, default=None,
+    exclusive.add_argument("--target_bpw", type=cli.positive_number, default=None,
                            help="bits per weight of the tensor data (llama.cpp's BPW)")
-    exclusive.add_argument("--target_size", default=None, help="GGUF file size: bytes, or e.g. 4.36GiB, 100MB")
-    exclusive.add_argument("--target_preset", default=None,
-                           help="the file size of this llama.cpp preset (with imatrix) of the same model")
-    p.add_argument("--types", default=None,
+    exclusive.add_argument("--target_size", type=size_argument, default=None,
+                           help="GGUF file size: bytes, or e.g. 4.36GiB, 100MB")
+    exclusive.add_argument("--target_preset", type=str.upper, choices=list(gguf_plan.PRESETS), default=None,
+                           metavar="PRESET", help="the file size of this llama.cpp preset (with imatrix) of the "
+                                                  "same model, e.g. Q4_K_M")
+    p.add_argument("--types", type=type_list, default=None,
                    help="candidate types, comma list: each tensor may take those that fit its rows (default: "
                         "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0; Q4_0,IQ4_NL,Q4_1,Q5_0,Q5_1,Q8_0 where K types do not fit)")
     data_utils.add_calib_args(p)
-    p.add_argument("--kld_samples", type=int, default=4, help="held-out windows for single-tensor KLDs")
-    p.add_argument("--kld_seq_len", type=int, default=128, help="tokens per held-out window (sensitivity)")
-    p.add_argument("--measure_samples", type=int, default=8,
+    p.add_argument("--kld_samples", type=cli.at_least(1), default=4, help="held-out windows for single-tensor KLDs")
+    p.add_argument("--kld_seq_len", type=cli.at_least(2), default=128,
+                   help="tokens per held-out window (sensitivity)")
+    p.add_argument("--measure_samples", type=cli.at_least(1), default=8,
                    help="held-out windows of --seq_len tokens for the GA's measured KLD")
-    p.add_argument("--gram_samples", type=int, default=128,
+    p.add_argument("--gram_samples", type=cli.at_least(1), default=128,
                    help="calibration windows summed into the Grams (GPTQ's Hessian, the output errors)")
-    p.add_argument("--gram_max_dim", type=int, default=8192,
+    p.add_argument("--gram_max_dim", type=cli.at_least(1), default=8192,
                    help="no Gram for inputs wider than this (their output error goes through the imatrix)")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per forward call")
+    p.add_argument("--batch_size", type=cli.at_least(1), default=8, help="windows per forward call")
     p.add_argument("--quantizer", default="gptq", choices=quantized_weights.QUANTIZERS,
                    help="gptq: ggml's quantizer with GPTQ error feedback over block columns (tensors with a Gram; "
                         "their bytes ship in <output>.tensors.gguf); ggml: ggml's imatrix quantization alone")
@@ -101,6 +112,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_memory", default=None, help=placement.MAX_MEMORY_HELP)
     p.add_argument("--cache_dir", default="models/cache", help="statistics and sensitivity cache (resumable)")
     return p.parse_args(argv)
+
+
+def size_argument(text: str) -> str:
+    """--target_size as given, once it reads as a size."""
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def type_list(text: str) -> list[str]:
+    """--types: known GGUF type names, comma-separated."""
+    try:
+        return [quant_utils.get_type(t.strip()).name for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def smooth_mode(text: str) -> str:
@@ -144,7 +172,7 @@ def budget_bytes(args, info: architectures.ModelInfo) -> tuple[int, str]:
         return parse_size(args.target_size), f"--target_size {args.target_size}"
     if args.target_preset is not None:
         types = gguf_plan.preset_types(info, args.target_preset, imatrix_available=True)
-        return gguf_plan.gguf_file_size(info, types), f"size of {args.target_preset.upper()} (imatrix)"
+        return gguf_plan.gguf_file_size(info, types), f"size of {args.target_preset} (imatrix)"
     if args.target_bpw is not None:
         size = int(args.target_bpw * info.n_params / 8) + gguf_plan.metadata_bytes(info)
         return size, f"--target_bpw {args.target_bpw}"
@@ -171,7 +199,6 @@ class SearchInputs:
     calib_ids: torch.Tensor              # statistics windows
     holdout_ids: torch.Tensor            # single-tensor KLD windows (sensitivity)
     measure_ids: torch.Tensor            # the GA's measured-KLD windows
-    weight_hashes: dict[str, str]        # tensor -> files.weight_sample_hash of the checkpoint's weight
     presets: dict[str, dict]             # llama.cpp presets that fit the budget: {name: {types, size_bytes}}
 
     @property
@@ -186,26 +213,53 @@ class SearchInputs:
 
 def load_inputs(args) -> SearchInputs:
     """The checkpoint (float32 on the CPU, or where smoothing needs exact rescaling), its budget and menus, and
-    the calibration, held-out and measurement windows, drawn disjointly from one source."""
+    the calibration, held-out and measurement windows, drawn disjointly from one source. The budget is checked
+    against what the menus can reach before anything is loaded."""
     model_dir, model_name = files.resolve_model_dir(args.model_id)
     info = architectures.load_model_info(model_dir, model_name)
     budget, budget_source = budget_bytes(args, info)
-    allowed = None if args.types is None else [quant_utils.get_type(t).name for t in args.types.split(",")]
+    allowed = args.types
+    menu_args = {"k_menu": allowed, "block32_menu": allowed} if allowed else {}
+    menus = {name: quantized_weights.candidate_types(shape[1], **menu_args)
+             for name, shape in architectures.quantizable_tensors(info).items()}
+    check_budget(info, budget, menus)
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    check_finite(model, menus, model_dir)
     if resolve_device(args.device).type == "cpu" or args.smooth != "off":
         model = model.float()        # smoothing rescales weights in place: in bf16 that would round them
     source = args.calib_file or args.calib_dataset
     n_total = args.n_samples + args.kld_samples + args.measure_samples
     ids = data_utils.get_calib_dataset(source, tokenizer, n_total, args.seq_len, args.seed, chat=args.calib_chat)
-    menu_args = {"k_menu": allowed, "block32_menu": allowed} if allowed else {}
-    menus = {spec.name: spec.types for spec in quantized_weights.quantizable_weights(model, **menu_args)}
     return SearchInputs(
         model_dir, info, model, budget, budget_source, allowed, menus, data_utils.describe_source(source),
         calib_ids=ids[:args.n_samples],
         holdout_ids=ids[args.n_samples:args.n_samples + args.kld_samples, :args.kld_seq_len],
         measure_ids=ids[args.n_samples + args.kld_samples:],
-        weight_hashes={name: files.weight_sample_hash(model.get_parameter(name)) for name in menus},
         presets=preset_seeds(info, budget))
+
+
+def check_budget(info: architectures.ModelInfo, budget: int, menus: dict[str, tuple[str, ...]]) -> None:
+    """Refuse a budget the menus cannot meet, from the tensors' shapes alone (before any work), with the range
+    they can."""
+    empty = [name for name, menu in menus.items() if not menu]
+    if empty:
+        rows = architectures.quantizable_tensors(info)[empty[0]][1]
+        raise UserError(f"no type of --types fits {empty[0]} (rows of {rows}; K and IQ types need rows of a "
+                        "multiple of 256, the others of 32): add a 32-block type such as Q8_0")
+    low, high = gguf_plan.size_range(info, menus)
+    if not low <= budget <= high:
+        where = "below the smallest" if budget < low else "above the largest"
+        raise UserError(f"budget {budget:,} bytes is {where} file these types make: the feasible range is "
+                        f"{low:,} .. {high:,} bytes ({gguf_plan.bits_per_weight(info, low):.3f} .. "
+                        f"{gguf_plan.bits_per_weight(info, high):.3f} bpw); choose a budget in it or change --types")
+
+
+def check_finite(model: torch.nn.Module, names, model_dir: Path) -> None:
+    """Every weight to quantize holds finite values (a NaN would make every statistic NaN, far from here)."""
+    for name in names:
+        param = model.get_parameter(name)
+        if not torch.isfinite(param).all():
+            raise UserError(f"{name} in {model_dir} holds NaN or Inf values; this checkpoint cannot be quantized")
 
 
 def speed_costs_for(args, run: SearchInputs) -> speed_costs.SpeedCosts | None:
@@ -286,18 +340,6 @@ def build_problem(info, table: sensitivity_table.SensitivityTable, allowed_types
                                                  blocks, seconds, base_seconds)
 
 
-def check_feasible(problem: genetic_optim.AllocationProblem, info, budget: int) -> None:
-    low, high = problem.feasible_range()
-    if not low <= budget:
-        raise ValueError(f"budget {budget:,} bytes is infeasible: the feasible range with these types is "
-                         f"{low:,} .. {high:,} bytes ({gguf_plan.bits_per_weight(info, low):.3f} .. "
-                         f"{gguf_plan.bits_per_weight(info, high):.3f} bpw)")
-    if budget > high:
-        raise ValueError(f"budget {budget:,} bytes is above the largest assignment ({high:,} bytes, "
-                         f"{gguf_plan.bits_per_weight(info, high):.3f} bpw): nothing to search; raise --types "
-                         "or use F16")
-
-
 def preset_seeds(info, budget: int) -> dict[str, dict]:
     """llama.cpp presets whose real file fits the budget: {name: {types, size_bytes}}."""
     out = {}
@@ -331,7 +373,6 @@ def search_assignment(args, run: SearchInputs, analyzer: sensitivity.LayerSensit
     with our quantizer), greedy and the GA, each measured end to end."""
     info, budget = run.info, run.budget_bytes
     problem = build_problem(info, table, run.allowed_types, costs)
-    check_feasible(problem, info, budget)
     presets, best_preset = run.presets, run.baseline_preset
     time_limits = None
     if costs is not None:
@@ -378,9 +419,10 @@ def search_assignment(args, run: SearchInputs, analyzer: sensitivity.LayerSensit
 
 def save_outputs(args, run: SearchInputs, stats: calib_stats.CalibStats, smooth: smoothing.Smoothing,
                  smooth_records: list[dict], analyzer: sensitivity.LayerSensitivityAnalyzer,
-                 outcome: SearchOutcome, costs: speed_costs.SpeedCosts | None, seconds: dict) -> dict:
+                 outcome: SearchOutcome, costs: speed_costs.SpeedCosts | None, seconds: dict,
+                 outputs: files.OutputSet) -> dict:
     """The config (types, imatrix, smoothing, the search's record), its JSON twin, the shipped GPTQ tensors
-    and the convergence plot; returns the shipped tensors {name: (type, bytes)}."""
+    and the convergence plot, into the run's output set; returns the shipped tensors {name: (type, bytes)}."""
     out = Path(args.output)
     imatrix_path = out.with_suffix(".imatrix.gguf")
     final_types = outcome.tensor_types
@@ -412,19 +454,19 @@ def save_outputs(args, run: SearchInputs, stats: calib_stats.CalibStats, smooth:
                for spec in analyzer.tensors if weights.feedback_of(spec, final_types[spec.name]) is not None}
     tensors_path = out.with_suffix(".tensors.gguf")
     if shipped:
-        config_file.write_quantized_tensors(tensors_path, run.info, shipped)
-        record["quantized_tensors"] = {"path": tensors_path.name,
-                                       "weight_sample_hashes": {n: run.weight_hashes[n] for n in shipped}}
-    elif tensors_path.exists():
-        tensors_path.unlink()                   # a previous run's, which this config does not use
+        config_file.write_quantized_tensors(outputs.path(tensors_path), run.info, shipped)
+        record["quantized_tensors"] = {"path": tensors_path.name, "tensors": list(shipped)}
+    else:
+        outputs.remove(tensors_path)            # a previous run's, which this config does not use
     record["quantizer"] = args.quantizer
     if args.quantizer == "gptq":
         record["refine_sweeps"] = gptq.REFINE_SWEEPS      # the shipped bytes' sweeps (the table's: none)
-    config_file.save_config(out, run.info, final_types, imatrix=im, imatrix_path=str(imatrix_path), extra=record)
-    files.write_json(out.with_suffix(".json"), {
+    config_file.save_config(outputs.path(out), run.info, final_types, imatrix=im, imatrix_path=str(imatrix_path),
+                            extra=record)
+    files.write_json(outputs.path(out.with_suffix(".json")), {
         **record, "smoothing": smoothing_summary(smooth, smooth_records), "tensor_types": final_types,
         "imatrix_path": str(imatrix_path)})
-    convergence_plot(result.history, out.with_suffix(".convergence.png"))
+    convergence_plot(result.history, outputs.path(out.with_suffix(".convergence.png")))
     return shipped
 
 
@@ -488,26 +530,30 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     print("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     seconds: dict[str, float] = {}
-    with cli.reported_errors(ValueError, RuntimeError, OSError), torch.no_grad():
+    out = Path(args.output)
+    # Every output is written under a temporary name and renamed into place with the others at the end: an
+    # earlier run's files stay as they were until this run's set is complete.
+    with cli.reported_errors(ValueError, OSError), torch.no_grad(), files.OutputSet() as outputs:
         with timed(seconds, "load"):
             run = load_inputs(args)
         with timed(seconds, "speed_costs"):
             costs = speed_costs_for(args, run)
         with timed(seconds, "statistics"):
             stats = collect_statistics(args, run)
-            imatrix_file.write_model_imatrix(run.model, stats, Path(args.output).with_suffix(".imatrix.gguf"),
+            imatrix_file.write_model_imatrix(run.model, stats, outputs.path(out.with_suffix(".imatrix.gguf")),
                                              [run.calib_source], args.seq_len)
         with timed(seconds, "smoothing"):
             smooth, smooth_records = smooth_model(args, run, stats)
         with timed(seconds, "sensitivity"):
             analyzer, table = measure_sensitivity(args, run, stats)
-            table.save(Path(args.output).with_suffix(".sensitivity"))
-            sensitivity_table.plot_heatmap(table, Path(args.output).with_suffix(".sensitivity.png"))
+            table.save(outputs.path(out.with_suffix(".sensitivity.pt")),
+                       outputs.path(out.with_suffix(".sensitivity.json")))
+            sensitivity_table.plot_heatmap(table, outputs.path(out.with_suffix(".sensitivity.png")))
         with timed(seconds, "search"):
             outcome = search_assignment(args, run, analyzer, table, costs)
-        shipped = save_outputs(args, run, stats, smooth, smooth_records, analyzer, outcome, costs, seconds)
+        shipped = save_outputs(args, run, stats, smooth, smooth_records, analyzer, outcome, costs, seconds,
+                               outputs)
 
-    out = Path(args.output)
     print_summary(outcome.rows, outcome.tensor_types)
     print(f"budget {run.budget_bytes:,} bytes ({run.budget_source}); config {out} (+ .json, .convergence.png, "
           f".sensitivity.*, {out.with_suffix('.imatrix.gguf').name}"

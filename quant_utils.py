@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cli import UserError
+
 # ggml_type enum values (ggml/include/ggml.h) of the types this project reads and writes.
 GGML_TYPE_IDS = {
     "F32": 0, "F16": 1, "BF16": 30,
@@ -70,11 +72,11 @@ def _find_libggml_base() -> Path:
     if override:
         found = sorted(Path(override).glob("*ggml-base.*"))
         if not found:
-            raise RuntimeError(f"LLAMA_CPP_LIB_PATH={override} holds no libggml-base")
+            raise UserError(f"LLAMA_CPP_LIB_PATH={override} holds no libggml-base")
         return found[0]
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llama-cpp-python is not installed: run `make test` or "
+        raise UserError("llama-cpp-python is not installed: run `make test` or "
                            "`pip install -r requirements.txt` first")
     pkg_dir = Path(list(spec.submodule_search_locations)[0])
     names = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
@@ -83,7 +85,7 @@ def _find_libggml_base() -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise RuntimeError(f"libggml-base not found under {pkg_dir}; reinstall llama-cpp-python")
+    raise UserError(f"libggml-base not found under {pkg_dir}; reinstall llama-cpp-python")
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +117,7 @@ def _cpu_lib() -> ctypes.CDLL:
     _lib()                                   # libggml-base first: libggml-cpu links against it
     candidates = sorted(base.parent.glob("*ggml-cpu*"))
     if not candidates:
-        raise RuntimeError(f"libggml-cpu not found next to {base}; reinstall llama-cpp-python")
+        raise UserError(f"libggml-cpu not found next to {base}; reinstall llama-cpp-python")
     lib = ctypes.CDLL(str(candidates[0]))
     lib.ggml_cpu_init.argtypes = []
     lib.ggml_cpu_init.restype = None

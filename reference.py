@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,17 @@ def open_reference(cache_dir, key: str) -> Reference | None:
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return None
-    return Reference(path, json.loads(manifest.read_text()))
+    try:
+        reference = Reference(path, json.loads(manifest.read_text()))
+        complete = all((path / f"logprobs_{i:05d}.npy").is_file() for i in range(reference.n_windows)) and \
+            (path / "nll.npy").is_file() and (path / "top1.npy").is_file()
+    except (ValueError, KeyError, TypeError, OSError):
+        complete = False
+    if not complete:
+        print(f"warning: discarding unreadable cache entry {path}; computing it again", file=sys.stderr)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+    return reference
 
 
 def reference_store_dtype(n_windows: int, seq_len: int, n_vocab: int, requested: str = "auto") -> np.dtype:

@@ -48,6 +48,7 @@ from sensitivity_table import (SENSITIVITY_FORMAT_VERSION, ResultCache, Sensitiv
 # 6 types measured on the same 512 tokens) 51 of 55 predictions fell within 0.8-1.25x of the measurement,
 # median 1.02x; worst 1.8x (Q4_1/Q5_1 on an attn_v, whose asymmetric grid errs in less harmful directions).
 DEFAULT_KLD_TYPES = ("Q4_K", "Q4_0")
+NEAREST_KLD_BITS = 4.5          # a menu without those: its type nearest this many bits per weight
 # The output error of a type whose KLD is not measured needs only some rows quantized (ggml quantizes rows
 # independently, so a row of the sample is bit for bit that row of the whole tensor): tensors over
 # SAMPLE_ABOVE_WEIGHTS get an evenly spread row sample of about SAMPLE_WEIGHTS weights. On the Qwen2.5-7B
@@ -150,8 +151,16 @@ class LayerSensitivityAnalyzer:
             self._held_out = HeldOutCache(self.model, self.holdout_ids, self.device, self.kld_batch_size)
         return self._held_out
 
-    def wants_kld(self, qtype: str) -> bool:
-        return self.kld_types == "all" or (self.kld_types != "none" and qtype in self.kld_types)
+    def wants_kld(self, spec: WeightSpec, qtype: str) -> bool:
+        """Whether this pair's KLD is measured: every type ("all"), none, or the `kld_types` on the tensor's
+        menu; a menu with none of them (--types Q5_K,Q6_K,Q8_0, say) measures its type nearest 4.5 bits, so
+        that every tensor has a measured KLD to predict the others from."""
+        if self.kld_types in ("all", "none"):
+            return self.kld_types == "all"
+        measured = [t for t in spec.types if t in self.kld_types]
+        if not measured:
+            measured = [min(spec.types, key=lambda t: abs(get_type(t).bits_per_weight - NEAREST_KLD_BITS))]
+        return qtype in measured
 
     def error_rows(self, spec: WeightSpec) -> torch.Tensor | None:
         """The rows the output error is measured on (None: all; see SAMPLE_ABOVE_WEIGHTS)."""
@@ -290,14 +299,14 @@ class LayerSensitivityAnalyzer:
             cached = self.cache.get(spec.name, qtype)
             entry = None if cached is None else SensitivityEntry(**cached)
             if entry is None:
-                entry, new_weight = self.measure_errors(spec, qtype, whole=self.wants_kld(qtype))
+                entry, new_weight = self.measure_errors(spec, qtype, whole=self.wants_kld(spec, qtype))
                 if new_weight is not None:
                     weights[(spec.name, qtype)] = new_weight
                 fresh.add((spec.name, qtype))
             entries[(spec.name, qtype)] = entry
         irregular = irregular_tensors(list(entries.values()))
         need = [key for key, e in entries.items()
-                if e.kld_mean is None and (self.wants_kld(key[1]) or key[0] in irregular)]
+                if e.kld_mean is None and (self.wants_kld(specs[key[0]], key[1]) or key[0] in irregular)]
         for key in need:
             if key not in weights:
                 weights[key] = self.weights.draft_weight(specs[key[0]], key[1])

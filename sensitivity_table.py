@@ -121,10 +121,8 @@ class SensitivityTable:
             out[name] = m
         return out
 
-    def save(self, path_prefix: str | os.PathLike) -> tuple[Path, Path]:
-        """Write <prefix>.pt (matrices) and <prefix>.json (entries), each atomically."""
-        prefix = Path(path_prefix)
-        pt_path, json_path = prefix.with_name(prefix.name + ".pt"), prefix.with_name(prefix.name + ".json")
+    def save(self, pt_path: str | os.PathLike, json_path: str | os.PathLike) -> tuple[Path, Path]:
+        """Write the matrices (torch, weights_only) and the entries (JSON), each atomically."""
         files.torch_save(self.to_tensors(), pt_path)
         files.write_json(json_path, {"meta": self.meta, "entries": [dataclasses.asdict(e) for e in self.entries]})
         return pt_path, json_path

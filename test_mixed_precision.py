@@ -31,6 +31,7 @@ import architectures
 import cli
 import compare_report
 import comparison
+import files
 import runtimes
 import smoothing
 import workers
@@ -47,15 +48,14 @@ DEFAULTS = {"model_id": "Qwen/Qwen2.5-7B-Instruct", "config": "mixed_precision_c
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.Parser(__doc__.splitlines()[0], error_status=2)   # 1 means the KLDs disagree
     parser.add_argument("--model_id", default=DEFAULTS["model_id"], help="original model: HF id or local directory")
     parser.add_argument("--config", default=DEFAULTS["config"], help="mixed-precision config from the search")
     parser.add_argument("--imatrix", default=None, metavar="PATH",
                         help="imatrix GGUF overriding the config's (pass what export_gguf_official.py got)")
     parser.add_argument("--gguf_path", default=None,
                         help="the GGUF exported from this config: measured too, and the KLDs must agree")
-    parser.add_argument("--tolerance", type=float, default=DEFAULTS["tolerance"],
+    parser.add_argument("--tolerance", type=cli.positive_number, default=DEFAULTS["tolerance"],
                         help="largest relative difference of the mean KLDs (simulated vs GGUF)")
     parser.add_argument("--activations", choices=("ggml", "float32"), default=DEFAULTS["activations"],
                         help="ggml: round each quantized matmul's input as llama.cpp's CPU backend does; "
@@ -84,8 +84,7 @@ def fake_quantized_weights(plan, model) -> dict:
 
 def check_gguf_follows_plan(gguf_path, plan) -> None:
     """Refuse a GGUF whose tensor types are not the ones this config exports to (another config or preset)."""
-    import gguf
-    found = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    found = {t.name: t.tensor_type.name for t in files.read_gguf(gguf_path, "GGUF file").tensors}
     diffs = [(spec.gguf_name, found.get(spec.gguf_name), plan.stored_types[spec.hf_name])
              for spec in plan.info.tensors if found.get(spec.gguf_name) != plan.stored_types[spec.hf_name]]
     if diffs:
@@ -160,7 +159,8 @@ def main(argv=None) -> None:
                 raise UserError(f"--gguf_path {args.gguf_path} not found; make it with: python "
                                 f"export_gguf_official.py --model_id {args.model_id} --config {args.config} "
                                 f"--output {args.gguf_path}")
-            comparison.check_gguf_matches_model(args.gguf_path, original.model_dir, original.tokenizer)
+            comparison.check_gguf_matches_model(args.gguf_path, original.model_dir, original.tokenizer,
+                                                args.allow_other_checkpoint)
             check_gguf_follows_plan(args.gguf_path, plan)
         windows = comparison.load_eval_windows(args.eval_file, original.tokenizer, settings.seq_len,
                                                settings.n_windows)

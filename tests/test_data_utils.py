@@ -55,11 +55,16 @@ def test_window_draws_do_not_overlap_and_extend_as_prefixes():
     assert (data_utils.sample_window_starts(100_000, 512, 120, seed=1) == starts[:120]).all()
 
 
-def test_calibration_and_evaluation_splits_share_no_window(tokenizer):
-    calib = data_utils.get_calib_dataset(str(CALIB_FILE), tokenizer, n_samples=64, seq_len=128, seed=0)
-    evals = data_utils.get_eval_dataset(str(EVAL_FILE), tokenizer, seq_len=128, n_samples=200)
-    calib_rows = {tuple(r) for r in calib.tolist()}
-    assert not calib_rows & {tuple(r) for r in evals.tolist()}
+def test_held_out_windows_share_no_token_with_the_calibration_windows(tokenizer):
+    """The search draws its calibration, held-out and measurement windows as one draw and splits it: no token
+    of a held-out window is in a calibration window (by position in the stream, and by content)."""
+    n_tokens = len(tokenizer(CALIB_FILE.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    starts = data_utils.sample_window_starts(n_tokens, 128, 64 + 12, seed=0)
+    calibration = set().union(*(range(s, s + 128) for s in starts[:64]))
+    assert not any(calibration & set(range(s, s + 128)) for s in starts[64:])
+    windows = data_utils.get_calib_dataset(str(CALIB_FILE), tokenizer, n_samples=64 + 12, seq_len=128, seed=0)
+    calib_rows = {tuple(r) for r in windows[:64].tolist()}
+    assert not calib_rows & {tuple(r) for r in windows[64:].tolist()}
 
 
 def test_evaluation_windows_are_consecutive_chunks_from_the_start(tokenizer, tmp_path, excerpt):

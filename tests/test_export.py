@@ -308,14 +308,25 @@ def test_mixed_gguf_dequantizes_to_fake_quant(which, request, tmp_path):
             w, qtype, imatrix=None if get_float(qtype) else (imatrix or {}).get(spec.hf_name))
         assert np.array_equal(got.view(np.uint32), np.asarray(want, np.float32).view(np.uint32)), spec.gguf_name
 
-    llm = llama_cpp_model(path)
-    llm.eval(prompt_ids(16, info.n_vocab - 40))
-    generated = []
-    for _ in range(8):
-        generated.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval(generated[-1:])
+    # llama.cpp runs the file: its logits are the transformers model's with the weights the GGUF holds and each
+    # matmul's input rounded as llama.cpp's CPU backend rounds it (activation_rounding)
+    import activation_rounding
+    model = hf_model(model_dir)
+    with torch.no_grad():
+        for name, qtype in plan.tensor_types.items():
+            im = None if get_float(qtype) else (imatrix or {}).get(name)
+            model.get_parameter(name).copy_(torch.from_numpy(quant_utils.fake_quantize(weights[name], qtype, im)))
+        ids = prompt_ids(16, info.n_vocab - 40)
+        with activation_rounding.rounded_linear_inputs(model, plan.tensor_types):
+            want = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp_model(path, logits_all=True)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
     llm.close()
-    assert all(0 <= g < info.n_vocab for g in generated)
+    # (measured: correlation 0.9992, same top-1 at 15 or 16 of 16 positions; llama.cpp's F32 KV cache and its
+    # order of summation move some activations across a rounding step, so the logits are not bit for bit)
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.995
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
 
 
 def get_float(qtype: str) -> bool:

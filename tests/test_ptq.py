@@ -131,7 +131,7 @@ def test_smooth_strength_must_be_off_auto_or_in_the_unit_interval(searched, caps
     model_dir, base, budget, _ = searched
     with pytest.raises(SystemExit) as exc:
         run_search(model_dir, base / "x.pt", base / "cache", "--smooth", "1.5")
-    assert exc.value.code == 2 and "--smooth takes off, auto or a number in (0, 1)" in capsys.readouterr().err
+    assert exc.value.code == 1 and "--smooth takes off, auto or a number in (0, 1)" in capsys.readouterr().err
 
 
 def test_gptq_tensors_ship_as_searched_and_the_simulation_reads_them(searched, tmp_path):
@@ -143,7 +143,7 @@ def test_gptq_tensors_ship_as_searched_and_the_simulation_reads_them(searched, t
     model_dir, base, _, cfg = searched
     info = architectures.load_model_info(model_dir)
     assert cfg["quantizer"] == "gptq"
-    shipped = cfg["quantized_tensors"]["weight_sample_hashes"]
+    shipped = cfg["quantized_tensors"]["tensors"]
     assert set(shipped) == {n for n in architectures.quantizable_tensors(info) if ".layers." in n}
     exporter.main(["--model_id", str(model_dir), "--config", str(base / "a.pt"), "--output", str(tmp_path / "m.gguf")])
     tensor_file = {t.name: t for t in gguf.GGUFReader(base / "a.tensors.gguf").tensors}
@@ -162,7 +162,7 @@ def test_gptq_tensors_ship_as_searched_and_the_simulation_reads_them(searched, t
 
 
 def test_gptq_tensors_from_another_checkpoint_or_missing_are_refused(searched, tmp_path, capsys):
-    """Same architecture and shapes, other values: the tensor file's fingerprints catch it; no file is written.
+    """Same architecture and shapes, other values: the checkpoint's content hash catches it; no file is written.
     A config whose tensor file went missing names it."""
     import shutil
     from safetensors.torch import load_file, save_file
@@ -170,7 +170,7 @@ def test_gptq_tensors_from_another_checkpoint_or_missing_are_refused(searched, t
     other = tmp_path / "other"
     shutil.copytree(model_dir, other)
     weights = load_file(other / "model.safetensors")
-    name = next(iter(cfg["quantized_tensors"]["weight_sample_hashes"]))
+    name = cfg["quantized_tensors"]["tensors"][0]
     weights[name] = weights[name] * 1.01
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SystemExit):
@@ -191,3 +191,12 @@ def test_quantizer_ggml_ships_no_tensor_file(searched):
     assert cfg["quantizer"] == "ggml" and "quantized_tensors" not in cfg
     assert not (base / "plain.tensors.gguf").exists()
     assert [row["name"] for row in cfg["comparison"]][0] == "preset Q4_K_M ggml"
+
+
+def test_any_menu_works_even_without_the_usual_measured_types(tiny_qwen2, tmp_path):
+    """A menu without Q4_K or Q4_0 measures the KLD of its type nearest 4.5 bits instead, so every type on it
+    gets a prediction and the search runs (it failed after the sensitivity stage)."""
+    cfg = run_search(tiny_qwen2, tmp_path / "k.pt", tmp_path / "cache", "--types", "Q5_K,Q6_K,Q8_0",
+                     "--target_bpw", "6.2", "--max_slowdown", "off")
+    assert set(cfg["tensor_types"].values()) <= {"Q5_K", "Q6_K", "Q8_0"}
+    assert len(set(cfg["tensor_types"].values())) >= 2 and cfg["kld_measured"] > 0

@@ -232,7 +232,7 @@ def test_table_files_and_additivity_report(tied_setup, tmp_path):
                                                     progress=False)
     analyzer.tensors = analyzer.tensors[1:5]         # four block-0 linears keep it quick
     table = analyzer.run()
-    pt_path, json_path = table.save(tmp_path / "sens")
+    pt_path, json_path = table.save(tmp_path / "sens.pt", tmp_path / "sens.json")
     loaded = torch.load(pt_path, weights_only=True)
     assert loaded["kld_mean"].shape == (4, len(loaded["types"]))
     assert not loaded["kld_mean"].isnan().any()
@@ -242,7 +242,7 @@ def test_table_files_and_additivity_report(tied_setup, tmp_path):
     assignments = kld.random_assignments(table, 4, seed=0)
     report = kld.additivity_report(analyzer, table, assignments)
     assert len(report["measured"]) == 4 and all(m > 0 for m in report["measured"])
-    assert -1.0 <= report["spearman"] <= 1.0
+    assert report["spearman"] >= 0.8      # assignments from low to high bits: the sums rank like the KLDs
     assert kld.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert kld.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
 

@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         phase_done("sensitivity", t, c)
         table.meta["seconds"] = seconds
         table.meta["cpu_seconds"] = cpu_seconds
-        table.save(f"{out}.sensitivity")
+        table.save(f"{out}.sensitivity.pt", f"{out}.sensitivity.json")
         sensitivity_table.plot_heatmap(table, f"{out}.sensitivity.png")
 
         if args.additivity:
