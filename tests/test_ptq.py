@@ -58,10 +58,13 @@ def test_same_seed_gives_the_same_config_from_the_cache(searched):
     assert again["kld_measured"] == pytest.approx(cfg["kld_measured"], rel=1e-6)
 
 
-def test_ga_is_never_worse_than_the_uniform_preset_or_greedy(searched):
+def test_ga_beats_the_preset_as_llama_quantize_makes_it_and_its_own_seeds(searched):
+    """At the preset's size the GA's measured KLD is under half of llama-quantize's recipe (measured 0.22x on
+    this tiny model), and never above the seeds it measured (the preset with GPTQ, greedy)."""
     _, _, _, cfg = searched
     measured = {row["name"]: row["kld_measured"] for row in cfg["comparison"]}
-    assert measured["genetic algorithm"] <= min(v for v in measured.values() if v is not None) + 1e-12
+    assert measured["genetic algorithm"] <= 0.5 * measured["preset Q4_K_M ggml"]
+    assert measured["genetic algorithm"] <= min(measured["preset Q4_K_M gptq"], measured["greedy"]) + 1e-12
 
 
 def test_default_search_is_predicted_no_slower_than_the_preset_in_either_mode(searched):
