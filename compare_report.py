@@ -232,16 +232,17 @@ def report_markdown(results, prompts: list[str], texts: dict, settings: dict, no
 
 def write_report(report_dir, results, prompts: list[str], texts: dict, settings: dict,
                  notes: list[str]) -> list[Path]:
-    """Write results.json, report.md, kld_vs_size.png and speed.png into report_dir; returns their paths."""
+    """Write results.json, report.md, kld_vs_size.png and speed.png into report_dir as one set (an earlier
+    report stays whole until the new one is); returns their paths."""
     report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
     payload = {"settings": settings, "notes": notes, "prompts": prompts,
                "models": [{**asdict(r), "generations": texts[r.name]} for r in results]}
     paths = [report_dir / n for n in ("results.json", "report.md", "kld_vs_size.png", "speed.png")]
-    files.write_text(paths[0], json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
-    files.write_text(paths[1], report_markdown(results, prompts, texts, settings, notes) + "\n")
-    plot_kld_vs_size(results, paths[2])
-    plot_speed(results, paths[3])
+    with files.OutputSet() as outputs:
+        files.write_text(outputs.path(paths[0]), json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+        files.write_text(outputs.path(paths[1]), report_markdown(results, prompts, texts, settings, notes) + "\n")
+        plot_kld_vs_size(results, outputs.path(paths[2]))
+        plot_speed(results, outputs.path(paths[3]))
     return paths
 
 
