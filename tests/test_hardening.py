@@ -128,7 +128,9 @@ def test_ctrl_c_is_one_line_exit_130_and_touches_nothing(tiny_llama, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "mixed_precision_ptq.py"), "--model_id", str(tiny_llama),
                              "--calib_file", str(CALIB), "--output", str(out), "--cache_dir",
                              str(tmp_path / "cache"), "--device", "cpu", "--target_preset", "Q4_K_M"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            # a test run started in the background inherits SIGINT ignored; a user's shell does not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().startswith("settings: ")      # imports done, main running
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
