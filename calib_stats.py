@@ -15,7 +15,7 @@ calibration tokens x:
 The model is walked one decoder block at a time (model_blocks.py): each block is moved to `--device` in
 float32, run on all calibration windows, and its outputs become the next block's inputs; only one block is on
 the device at a time. Statistics are saved with torch.save as plain tensors (`torch.load(...,
-weights_only=True)` reads them), cached per model, windows and settings; imatrix.py writes them as a llama.cpp
+weights_only=True)` reads them), cached per model, windows and settings; imatrix_file.py writes them as a llama.cpp
 imatrix GGUF.
 
     python calib_stats.py --model models/smollm2-135m-instruct \
@@ -151,15 +151,16 @@ def gram_product(x: torch.Tensor) -> torch.Tensor:
 def collect_statistics(model: nn.Module, calib_ids: torch.Tensor, device="auto", batch_size: int = 8,
                        with_gram: bool = True, gram_samples: int | None = None,
                        gram_max_dim: int | None = None, gram_product_dtype: torch.dtype = torch.float32,
-                       gram_dtype: torch.dtype = torch.float32,
-                       progress: bool = True) -> CalibStats:
+                       gram_dtype: torch.dtype = torch.float32, progress: bool = True,
+                       model_hash: str | None = None) -> CalibStats:
     """Run the calibration windows through the model block by block and collect every linear's statistics.
 
     Sums of squares use every window. Grams use the first `gram_samples` windows (default all): they cost as
     much as the forward pass itself on a CPU, and a few tens of thousands of tokens pin an output-error ratio
     down well. Micro-batch products are formed in `gram_product_dtype` and summed in float64; Grams are stored
     as `gram_dtype` (float64 with a float64 product for exactness tests). Inputs wider than `gram_max_dim`
-    (None: no limit) get only their sums of squares.
+    (None: no limit) get only their sums of squares. `model_hash`: the model's content hash when the caller
+    has it already.
     """
     device = resolve_device(device)
     calib_ids = calib_ids.to(torch.long)
@@ -209,7 +210,8 @@ def collect_statistics(model: nn.Module, calib_ids: torch.Tensor, device="auto",
     vocab = model.get_input_embeddings().weight.shape[0]
     token_counts = torch.bincount(calib_ids.reshape(-1).cpu(), minlength=vocab)
     meta = {"n_samples": int(calib_ids.shape[0]), "seq_len": int(seq_len), "n_tokens": int(calib_ids.numel()),
-            "calib_ids_hash": files.token_ids_hash(calib_ids), "model_content_hash": model_content_hash(model),
+            "calib_ids_hash": files.token_ids_hash(calib_ids),
+            "model_content_hash": model_hash or model_content_hash(model),
             "gram_samples": gram_samples, "gram_max_dim": gram_max_dim}
     return CalibStats(in_sum2, counts, gram, gram_tokens, gram_key, token_counts, meta)
 
@@ -231,11 +233,12 @@ def cached_statistics(model: nn.Module, calib_ids: torch.Tensor, device="auto", 
                       ) -> CalibStats:
     """Statistics from `cache_dir` when this model and these windows were seen before, else collected and
     saved there (an interrupted run resumes without collecting again)."""
+    model_hash = model_content_hash(model)         # a pass over every parameter: once
     collect = lambda: collect_statistics(model, calib_ids, device, batch_size, gram_samples=gram_samples,
-                                         gram_max_dim=gram_max_dim)
+                                         gram_max_dim=gram_max_dim, model_hash=model_hash)
     if cache_dir is None:
         return collect()
-    key = files.record_key({"format": STATS_FORMAT_VERSION, "model": model_content_hash(model),
+    key = files.record_key({"format": STATS_FORMAT_VERSION, "model": model_hash,
                             "windows": files.token_ids_hash(calib_ids), "gram_samples": gram_samples,
                             "gram_max_dim": gram_max_dim})
     path = Path(cache_dir) / f"stats-{key}.pt"

@@ -13,11 +13,12 @@ How it is measured (details in metrics.py, reference.py, runtimes.py and workers
   (e.g. 64 windows of 512 for a 152k vocabulary: 5 GB, the size of llama-perplexity's own base file), plus the
   exact NLL and argmax per token. With float16 log-probs, renormalised on load, the mean KLD of the demo
   model's Q4_K_M moves by less than 0.5% against the float32 cache.
-- GGUFs run through llama-cpp-python with every layer on the GPU when the build supports offload. Speed is
-  llama-bench's pp/tg shape (--pp_tokens in one batch, --tg_tokens single-token decodes, both from an empty
-  cache, median of --speed_runs after a warm-up). Each model is measured in its own spawned process, so peak
-  RSS (VmHWM, read after the speed runs) is that model's; GPU memory is nvidia-smi's used memory after the
-  speed runs minus before loading (CUDA context included). llama.cpp maps the file (mmap): its load time
+- GGUFs run through llama-cpp-python with every layer on the GPU when the build supports offload. Each model
+  is measured in its own spawned process, so peak RSS (VmHWM, read after one pp and one tg run) is that
+  model's; GPU memory is nvidia-smi's used memory after those runs minus before loading (CUDA context
+  included). Speed is llama-bench's pp/tg shape (--pp_tokens in one batch, --tg_tokens single-token decodes,
+  both from an empty cache), measured afterwards with every GGUF loaded in one process and visited in turn for
+  --speed_runs rounds: medians, ± half the interquartile range, and each GGUF's ratio to the first. llama.cpp maps the file (mmap): its load time
   excludes paging weights in (the warm-up run does that), and RSS counts the mapped pages it touched, also
   when the weights were then copied to the GPU.
 """

@@ -235,7 +235,7 @@ def measure_speeds_interleaved(results: list, settings: Settings) -> None:
 
 
 def add_measurement_args(parser) -> None:
-    """Options shared by compare_real_quant.py and compare_three_models.py (DESIGN.md's tables extended)."""
+    """Options shared by compare_real_quant.py, compare_three_models.py and test_mixed_precision.py."""
     d = Settings()
     parser.add_argument("--max_tokens", type=at_least(0), default=d.max_tokens, help="tokens to generate per prompt")
     parser.add_argument("--eval_file", default=None,

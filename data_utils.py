@@ -237,4 +237,16 @@ def add_calib_args(parser) -> None:
     parser.add_argument("--n_samples", type=at_least(1), default=128, help="calibration windows")
     parser.add_argument("--seq_len", type=at_least(2), default=512, help="tokens per window")
     parser.add_argument("--seed", type=int, default=0, help="window sampling seed")
-    parser.add_argument("--device", default="auto", help="cuda | mps | cpu | auto")
+    parser.add_argument("--device", type=device_argument, default="auto", help="cuda | mps | cpu | auto")
+
+
+def device_argument(text: str) -> str:
+    """--device, once it names a device this machine has (model_blocks.resolve_device)."""
+    import argparse
+
+    from model_blocks import resolve_device
+    try:
+        resolve_device(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

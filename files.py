@@ -78,10 +78,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
+        if not _writing_error(exc, path, tmp):
+            raise
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _writing_error(exc: OSError, path: Path, tmp: Path) -> bool:
+    """Whether an OSError inside an atomic write is the write's own (no file named, or the output, its
+    temporary name or a file under it, or its directory), not a failure to read some input."""
+    if exc.filename is None:
+        return True
+    failed = Path(exc.filename)
+    return failed in (path, path.parent) or failed == tmp or tmp in failed.parents
 
 
 class OutputSet:

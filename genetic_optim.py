@@ -227,7 +227,6 @@ class GAResult:
     measured_kld: float | None
     predicted_damage: float
     history: list[dict] = field(default_factory=list)
-    measured: dict = field(default_factory=dict)  # genome bytes -> measured KLD
 
 
 def seeds_to_measure(problem: AllocationProblem, seeds: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -388,5 +387,5 @@ class MixedPrecisionGA:
             ok = [g for g in population if not self.too_slow(g)] or population
             best = min(ok, key=self.problem.predicted_damage)
             kld = None
-        return GAResult(best, kld, self.problem.predicted_damage(best), history, dict(self.measured))
+        return GAResult(best, kld, self.problem.predicted_damage(best), history)
 

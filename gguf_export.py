@@ -130,21 +130,18 @@ def write_gguf(plan: ExportPlan, output, progress: bool = True) -> Path:
     """
     from tqdm import tqdm
     info, output = plan.info, Path(output)
-    try:
-        with files.atomic_path(output) as tmp:
-            writer = gguf_plan.new_writer(info, plan.stored_types, tmp, plan.file_type)
-            try:
-                writer.write_header_to_file()
-                writer.write_kv_data_to_file()
-                writer.write_ti_data_to_file()
-                with tqdm(info.tensors, desc="export", unit="tensor", disable=not progress, file=sys.stderr) as bar:
-                    for spec in bar:
-                        writer.write_tensor_data(_tensor_data(plan, spec, bar))
-            finally:
-                writer.close()
-            verify_gguf(tmp, plan)
-    except OSError as exc:
-        raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
+    with files.atomic_path(output) as tmp:             # a failed write is a UserError naming `output`
+        writer = gguf_plan.new_writer(info, plan.stored_types, tmp, plan.file_type)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with tqdm(info.tensors, desc="export", unit="tensor", disable=not progress, file=sys.stderr) as bar:
+                for spec in bar:
+                    writer.write_tensor_data(_tensor_data(plan, spec, bar))
+        finally:
+            writer.close()
+        verify_gguf(tmp, plan)
     return output
 
 

@@ -72,24 +72,6 @@ def write_model_imatrix(model: nn.Module, stats: CalibStats, path: str | os.Path
     write_imatrix_gguf(stats, imatrix_entries(model, stats), path, datasets, chunk_size, arch)
 
 
-def read_imatrix_gguf(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, float], dict]:
-    """(in_sum2 by GGUF weight name, counts by name, metadata) of an imatrix GGUF, read with gguf-py."""
-    reader = gguf.GGUFReader(str(path))
-    sums, counts = {}, {}
-    for t in reader.tensors:
-        if t.name.endswith(".in_sum2"):
-            sums[t.name.removesuffix(".in_sum2")] = t.data.reshape(-1).copy()
-        elif t.name.endswith(".counts"):
-            counts[t.name.removesuffix(".counts")] = float(t.data.reshape(-1)[0])
-    meta = {}
-    for key in (gguf.Keys.General.TYPE, gguf.Keys.IMatrix.CHUNK_COUNT, gguf.Keys.IMatrix.CHUNK_SIZE,
-                gguf.Keys.IMatrix.DATASETS):
-        f = reader.get_field(key)
-        if f is not None:
-            meta[key] = f.contents()
-    return sums, counts, meta
-
-
 def load_imatrix(path, info: ModelInfo) -> dict[str, np.ndarray]:
     """Per-column importance {hf_name: float32 vector} from a llama.cpp imatrix GGUF.
 
@@ -98,11 +80,8 @@ def load_imatrix(path, info: ModelInfo) -> dict[str, np.ndarray]:
     load_imatrix computes it (count 0 gives ones). Entries for tensors not in the model are ignored, as
     llama.cpp does; a size mismatch is an error (the token embedding's is ignored, as llama.cpp does).
     """
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:
-        raise UserError(f"imatrix {path} is not a GGUF file ({type(exc).__name__}); the legacy .dat "
-                        "format is not supported, convert it with llama-imatrix") from None
+    reader = files.read_gguf(path, "imatrix GGUF (the legacy .dat format is not read: convert it with "
+                                   "llama-imatrix)")
     parts: dict[str, dict] = {}
     for t in reader.tensors:
         for suffix in (".in_sum2", ".counts"):

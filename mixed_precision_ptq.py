@@ -106,10 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt processing and decode each predicted at most this times slower than the uniform "
                         "llama.cpp preset of the budget (1: no slower; 0.97: 3%% faster), on this machine's "
                         "llama.cpp (a cost table measured here and cached) or of --speed_costs; off: no limit")
-    p.add_argument("--speed_costs", "--decode_costs", dest="speed_costs", default=None,
+    p.add_argument("--speed_costs", default=None,
                    help="speed cost table (JSON, speed_costs.py) to use instead of measuring one here, e.g. one "
                         "measured on the machine that will run the model")
-    p.add_argument("--max_memory", default=None, help=placement.MAX_MEMORY_HELP)
+    p.add_argument("--max_memory", type=max_memory_argument, default=None, help=placement.MAX_MEMORY_HELP)
     p.add_argument("--cache_dir", default="models/cache", help="statistics and sensitivity cache (resumable)")
     return p.parse_args(argv)
 
@@ -121,6 +121,14 @@ def size_argument(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def max_memory_argument(text: str) -> dict[str, int]:
+    """--max_memory parsed (placement.parse_max_memory)."""
+    try:
+        return placement.parse_max_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def type_list(text: str) -> list[str]:
@@ -208,7 +216,12 @@ class SearchInputs:
 
     @property
     def menu_args(self) -> dict:
-        return {"k_menu": self.allowed_types, "block32_menu": self.allowed_types} if self.allowed_types else {}
+        return menu_args(self.allowed_types)
+
+
+def menu_args(allowed_types: list[str] | None) -> dict:
+    """The candidate menus' arguments for --types (None: the default K and 32-block menus)."""
+    return {"k_menu": allowed_types, "block32_menu": allowed_types} if allowed_types else {}
 
 
 def load_inputs(args) -> SearchInputs:
@@ -219,8 +232,7 @@ def load_inputs(args) -> SearchInputs:
     info = architectures.load_model_info(model_dir, model_name)
     budget, budget_source = budget_bytes(args, info)
     allowed = args.types
-    menu_args = {"k_menu": allowed, "block32_menu": allowed} if allowed else {}
-    menus = {name: quantized_weights.candidate_types(shape[1], **menu_args)
+    menus = {name: quantized_weights.candidate_types(shape[1], **menu_args(allowed))
              for name, shape in architectures.quantizable_tensors(info).items()}
     check_budget(info, budget, menus)
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
@@ -272,11 +284,16 @@ def speed_costs_for(args, run: SearchInputs) -> speed_costs.SpeedCosts | None:
         print("note: no llama.cpp preset fits the budget, so there is no preset speed to keep to: "
               "searching without a speed limit")
         return None
-    if args.speed_costs:
-        return speed_costs.SpeedCosts.load(args.speed_costs)
     types = {t for menu in run.menus.values() for t in menu}
     types |= set(run.presets[run.baseline_preset]["types"].values())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.speed_costs:
+        costs = speed_costs.SpeedCosts.load(args.speed_costs)
+        missing = sorted(set(types) - set.intersection(*(set(m.delta_s_per_weight) for m in costs.modes.values())))
+        if missing:
+            raise UserError(f"the speed cost table {args.speed_costs} has no {', '.join(missing)}, which this "
+                            "search's menus or its baseline preset use; measure one with these types")
+        return costs
+    device = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"
     return speed_costs.cached_costs(run.model_dir, sorted(types), Path(args.cache_dir), device=device)
 
 
@@ -300,10 +317,9 @@ def smooth_model(args, run: SearchInputs, stats: calib_stats.CalibStats
 def measure_sensitivity(args, run: SearchInputs, stats: calib_stats.CalibStats
                         ) -> tuple[sensitivity.LayerSensitivityAnalyzer, sensitivity_table.SensitivityTable]:
     """Every tensor's sensitivity to every type of its menu (cached per tensor and type, resumable)."""
-    max_memory = placement.parse_max_memory(args.max_memory) if args.max_memory else None
     analyzer = sensitivity.LayerSensitivityAnalyzer(
         run.model, stats, run.holdout_ids, cache_dir=Path(args.cache_dir) / "sensitivity", device=args.device,
-        max_memory=max_memory, eval_tokens=run.measure_ids.numel(), quantizer=args.quantizer, **run.menu_args)
+        max_memory=args.max_memory, eval_tokens=run.measure_ids.numel(), quantizer=args.quantizer, **run.menu_args)
     print(f"placement: {placement.describe_device_map(analyzer.device_map)}")
     return analyzer, analyzer.run()
 

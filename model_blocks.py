@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cli import UserError
+
 COMPUTE_DTYPE = torch.float32
 EXECUTION_DEVICE_ATTR = "_quant_execution_device"
 
@@ -31,11 +33,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
+        raise UserError("--device cuda requested but CUDA is not available")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device mps requested but MPS is not available")
+        raise UserError("--device mps requested but MPS is not available")
     return dev
 
 

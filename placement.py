@@ -30,7 +30,10 @@ def parse_max_memory(text: str) -> dict[str, int]:
         if not sep:
             raise ValueError(f"--max_memory item {item!r} is not DEVICE=SIZE (e.g. 0=20GiB,cpu=64GiB)")
         name = name.strip()
-        device = f"cuda:{name}" if name.isdigit() else str(torch.device(name))
+        try:
+            device = f"cuda:{name}" if name.isdigit() else str(torch.device(name))
+        except RuntimeError:
+            raise ValueError(f"--max_memory device {name!r} is not a device (a GPU index, cpu, cuda:N)") from None
         try:
             budget[device] = convert_file_size_to_int(size.strip())
         except ValueError:

@@ -146,12 +146,6 @@ def llama_bench_tests(llm, pp_tokens: int, tg_tokens: int) -> tuple[Callable[[],
     return pp, tg
 
 
-def llama_speed(llm, pp_tokens: int, tg_tokens: int, runs: int) -> tuple[float, float]:
-    """(prompt-processing, decode) tok/s of a llama-cpp-python model (llama_bench_tests), medians of `runs`."""
-    pp, tg = llama_bench_tests(llm, pp_tokens, tg_tokens)
-    return pp_tokens / median_seconds(pp, runs), tg_tokens / median_seconds(tg, runs)
-
-
 @dataclass
 class SpeedRuns:
     """Every timed run of one model's pp and tg tests, in tok/s, in the order they ran."""
@@ -205,7 +199,7 @@ def interleaved_llama_speeds(paths: Sequence[str], pp_tokens: int, tg_tokens: in
 
 def transformers_speed(model, n_vocab: int, pp_tokens: int, tg_tokens: int, runs: int) -> tuple[float, float]:
     """(prompt-processing, decode) tok/s of a transformers model: one forward over pp_tokens; tg_tokens
-    single-token forwards with the KV cache, from an empty cache (the same shape of work as llama_speed)."""
+    single-token forwards with the KV cache, from an empty cache (the same work as llama_bench_tests)."""
     import torch
     device = next(model.parameters()).device
     prompt = torch.tensor([bench_tokens(pp_tokens, n_vocab, seed=1)], device=device)

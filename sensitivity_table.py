@@ -5,7 +5,6 @@ heatmap).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -178,9 +177,6 @@ class ResultCache:
     def _path(self, tensor: str, qtype: str) -> Path:
         return self.dir / tensor / f"{qtype}.json"
 
-    @staticmethod
-    def _checksum(record: dict) -> str:
-        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
     def get(self, tensor: str, qtype: str) -> dict | None:
         """The cached record of (tensor, type), or None."""
@@ -194,7 +190,7 @@ class ResultCache:
         try:
             stored = json.loads(path.read_text())
             record = stored["record"]
-            valid = stored["checksum"] == self._checksum(record) and record.get("tensor") == tensor
+            valid = stored["checksum"] == files.record_key(record) and record.get("tensor") == tensor
         except (ValueError, KeyError, TypeError, OSError):
             valid = False
         if not valid:
@@ -210,4 +206,4 @@ class ResultCache:
         self.memory[(record["tensor"], record["type"])] = record
         if self.dir is not None:
             files.write_json(self._path(record["tensor"], record["type"]),
-                             {"record": record, "checksum": self._checksum(record)}, indent=None)
+                             {"record": record, "checksum": files.record_key(record)}, indent=None)

@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import gguf
 import torch
@@ -273,7 +273,7 @@ def costs_from_measurements(measured: list[dict], layers: int, backend: str, pp_
                             tg_tokens: int) -> SpeedCosts:
     """Solve the cost model from the benchmark rows' median tok/s (module docstring)."""
     modes = {}
-    for mode, n_tokens in (("pp", pp_tokens), ("tg", tg_tokens)):
+    for mode, n_tokens in zip(MODES, (pp_tokens, tg_tokens)):
         seconds = {(m["type"], m["layers"]): n_tokens / m[mode]["median"] for m in measured}
         one, many = seconds[(REFERENCE_TYPE, 1)], seconds[(REFERENCE_TYPE, layers)]
         delta = {REFERENCE_TYPE: 0.0}

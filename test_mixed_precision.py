@@ -118,12 +118,12 @@ def measure_simulated(model_dir: Path, plan, windows, reference, prompt_ids, sto
 
 def measure_gguf(path, windows, model_dir, prompt_ids, stop_ids, settings):
     """Quality and greedy generations of the GGUF through llama.cpp (same windows, same prompts), in a fresh
-    Python without torch (workers.run_job: one process cannot hold both with CUDA builds). Its speed test
-    is cut to one token: only quality and answers are used here."""
+    Python without torch (workers.run_job: one process cannot hold both with CUDA builds). The worker's memory
+    runs are cut to one token: only quality and answers are used here."""
     key = reference_key(comparison.original_reference_source(model_dir, settings), windows,
                         settings.reference_dtype)
     job = workers.ModelJob("GGUF", "gguf", str(path), windows, prompt_ids, stop_ids,
-                           dataclasses.replace(settings, pp_tokens=1, tg_tokens=1, speed_runs=1), key)
+                           dataclasses.replace(settings, pp_tokens=1, tg_tokens=1), key)
     import torch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()          # the simulated model's cached memory, for the worker on the same GPU

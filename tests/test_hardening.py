@@ -84,6 +84,9 @@ BAD_SEARCH_ARGS = [
     (["--gram_samples", "0"], "--gram_samples"),
     (["--smooth", "1.5"], "--smooth"),
     (["--max_slowdown", "-1"], "--max_slowdown"),
+    (["--device", "gpu"], "--device"),
+    (["--max_memory", "gpu=20GiB"], "--max_memory"),
+    (["--speed_costs", "{file}", "--target_preset", "Q4_K_M"], "a-file"),   # not a cost table: refused before the statistics
     (["--target_size", "1000"], "feasible range"),          # parses, but no assignment is that small
     (["--target_compression", "5"], "feasible range"),      # five times F16: above every assignment
     (["--types", "Q4_K,Q6_K"], "no type of --types fits"),  # K types do not fit 192-wide rows
@@ -254,6 +257,13 @@ def test_a_full_disk_is_named_and_the_old_file_stays(tmp_path):
                 full.write("x" * 65536)
                 full.flush()
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_a_failed_read_inside_a_write_is_not_called_a_failed_write(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        with files.atomic_path(tmp_path / "out.txt") as tmp:
+            tmp.write_text((tmp_path / "missing.txt").read_text())
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_killed_runs_temporary_file_is_removed_by_the_next_write(tiny_llama, tmp_path):

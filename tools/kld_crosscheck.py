@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import comparison  # noqa: E402
 import metrics  # noqa: E402
+import reference  # noqa: E402
 import runtimes  # noqa: E402
 
 LLAMA_STATS = {  # our Quality field -> llama-perplexity's summary line
@@ -96,13 +97,13 @@ def main() -> None:
     theirs = parse_llama_stats(log)
     windows = read_base_windows(base)
 
-    def reference(logits_fn, source: str) -> reference.Reference:
+    def cached_reference(logits_fn, source: str) -> reference.Reference:
         key = reference.reference_key(source, windows, args.reference_dtype)
         return (reference.open_reference(workdir, key)
                 or reference.build_reference(logits_fn, windows, workdir, key, source, args.reference_dtype))
 
     llm = runtimes.open_llama(args.base_gguf, args.seq_len, 512, True, args.threads)
-    gguf_ref = reference(runtimes.llama_logits_fn(llm), reference.gguf_source_id(args.base_gguf))
+    gguf_ref = cached_reference(runtimes.llama_logits_fn(llm), reference.gguf_source_id(args.base_gguf))
     llm.close()
     llm = runtimes.open_llama(args.gguf, args.seq_len, 512, True, args.threads)
     candidate = runtimes.llama_logits_fn(llm)
@@ -111,8 +112,8 @@ def main() -> None:
     if args.model_id:
         original = comparison.load_original(args.model_id)
         hf = runtimes.load_transformers_model(str(original.model_dir), "cpu", "float32")
-        hf_ref = reference(runtimes.transformers_logits_fn(hf),
-                           reference.transformers_source_id(original.model_dir, "float32", "cpu"))
+        hf_ref = cached_reference(runtimes.transformers_logits_fn(hf),
+                                  reference.transformers_source_id(original.model_dir, "float32", "cpu"))
         rows["ours (base: transformers)"] = vars(metrics.evaluate_quality(candidate, windows, hf_ref))
         ours_windows = comparison.load_eval_windows(args.eval_file, original.tokenizer, args.seq_len,
                                                     args.n_windows)

@@ -109,7 +109,7 @@ def main(argv=None) -> None:
             phase_done("additivity", t, c)
             files.write_json(f"{out}.additivity.json", report)
 
-    computed = [e for e in table.entries if e.seconds is not None]
+    computed = table.entries
     print(f"{len(analyzer.tensors)} tensors, {len(table.entries)} (tensor, type) pairs, "
           f"{analyzer.n_computed} computed this run; KLD on {holdout_ids.numel()} held-out tokens "
           f"for {kld_types}")
