@@ -18,7 +18,7 @@
 # Variants (environment): MAX_MEMORY=16GiB runs the search under --max_memory 0=16GiB (a GPU of that size: the
 # blocks that do not fit are held in CPU RAM and streamed); SPEED_COSTS=FILE uses that speed cost table
 # instead of measuring one; SEARCH_ONLY=1 stops after the search and builds only ggml's CPU library (the
-# quantizer). The split run in README: MAX_MEMORY=20GiB SPEED_COSTS=.device/speed-costs.json SEARCH_ONLY=1.
+# quantizer); PTQ_ARGS adds search arguments. The split run in README: MAX_MEMORY=20GiB SPEED_COSTS=.device/speed-costs.json SEARCH_ONLY=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -31,6 +31,7 @@ MAX_MEMORY=${MAX_MEMORY:-}
 SPEED_COSTS=${SPEED_COSTS:-}
 NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"   # llama.cpp 0.3.36 AMX kernels crash (see Makefile)
 SEARCH_ONLY=${SEARCH_ONLY:-}
+PTQ_ARGS=${PTQ_ARGS:-}   # more mixed_precision_ptq.py arguments, last (they override the ones above)
 
 prepare() {   # on the dev machine: what travels with the working tree (.device/ and .whl/ are git-ignored)
   mkdir -p .device/data .whl
@@ -108,7 +109,7 @@ pipeline() {
   [ -f "$W/mixed.pt" ] || stage ptq python3 mixed_precision_ptq.py --model_id "$model" --device cuda \
     --calib_file .device/data/wiki.valid.tokens --target_preset Q4_K_M --max_slowdown 1.0 \
     --output "$W/mixed.pt" --cache_dir "$W/cache" ${MAX_MEMORY:+--max_memory 0=$MAX_MEMORY} \
-    ${SPEED_COSTS:+--speed_costs $SPEED_COSTS}
+    ${SPEED_COSTS:+--speed_costs $SPEED_COSTS} ${PTQ_ARGS:-}
   if [ -n "$SEARCH_ONLY" ]; then echo "=== $(date -u +%T) pipeline done (search only)"; return; fi
   [ -f "$W/mixed.gguf" ] || stage export_mixed python3 export_gguf_official.py --model_id "$model" \
     --config "$W/mixed.pt" --output "$W/mixed.gguf"
