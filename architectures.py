@@ -21,15 +21,36 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """What the exporter must know about one Hugging Face architecture."""
+    """What every stage must know about one Hugging Face architecture (a row of ARCHITECTURES)."""
     gguf_arch: gguf.MODEL_ARCH
-    qkv_bias: bool    # q/k/v projections always carry biases (Qwen2); Llama's follow config.attention_bias
-    permute_qk: bool  # llama.cpp's llama arch wants q/k rows reordered (convert_hf_to_gguf LlamaModel.permute)
+    qkv_bias: bool = False          # q/k/v projections always carry biases (Qwen2)
+    attention_bias_ok: bool = False  # config.attention_bias adds q/k/v/o biases llama.cpp reads (llama arch)
+    permute_qk: bool = False        # llama.cpp's llama arch wants q/k rows reordered (LlamaModel.permute)
+    qk_norm: bool = False           # RMSNorm over each head of q and k (Qwen3, Gemma 3)
+    sandwich_norms: bool = False    # norms after attention and around the FFN (Gemma 3): the FFN reads
+    #                                 pre_feedforward_layernorm, post_attention_layernorm normalises attention's output
+    norm_shift: float = 0.0         # llama.cpp stores every norm weight + this (Gemma's RMSNorm scales by 1 + w)
+    scales_embedding: bool = False  # llama.cpp multiplies the token embeddings by sqrt(hidden size), in float32
+    swa_pattern: int | None = None  # llama.cpp's fixed sliding-window layout: every n-th layer global (Gemma 3: 6)
+    sentencepiece: bool = False     # reads a tokenizer.model where the checkpoint has one (llama.cpp's "llama" vocab)
+    add_space_prefix: bool | None = None  # written as tokenizer.ggml.add_space_prefix (None: tokenizer_config's)
+    # Where SmoothQuant-style scaling is exactly equivalent (smoothing.py): Gemma's (1 + w) norms cannot absorb
+    # a scale, so only the v->o and up->down pairs qualify there.
+    smooth_kinds: tuple[str, ...] = ("attn_in", "mlp_in", "v_o", "up_down", "head")
 
 
 ARCHITECTURES = {
-    "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, qkv_bias=True, permute_qk=False),
-    "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, qkv_bias=False, permute_qk=True),
+    "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, qkv_bias=True),
+    "Qwen3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN3, qk_norm=True),
+    "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, attention_bias_ok=True, permute_qk=True,
+                                 sentencepiece=True),
+    # Mistral's config.sliding_window (4096 in v0.1) is ignored by llama.cpp's llama arch, as by its converter:
+    # the same model on contexts up to that length.
+    "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, attention_bias_ok=True, permute_qk=True,
+                                   sentencepiece=True),
+    "Gemma3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.GEMMA3, qk_norm=True, sandwich_norms=True, norm_shift=1.0,
+                                  scales_embedding=True, swa_pattern=6, sentencepiece=True, add_space_prefix=False,
+                                  smooth_kinds=("v_o", "up_down")),
 }
 
 
@@ -84,7 +105,7 @@ class ModelInfo:
 
     @property
     def arch(self) -> str:
-        """GGUF architecture name ("qwen2", "llama")."""
+        """GGUF architecture name ("qwen2", "qwen3", "llama", "gemma3")."""
         return gguf.MODEL_ARCH_NAMES[self.spec.gguf_arch]
 
     @property
@@ -127,12 +148,48 @@ def _checkpoint_tensors(model_dir: Path) -> dict[str, SourceTensor]:
 
 
 def _rope_parameters(cfg: dict) -> dict:
-    """RoPE settings from either config layout (transformers 5 rope_parameters, or rope_theta + rope_scaling)."""
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    """RoPE settings from either config layout (transformers 5 rope_parameters, or rope_theta + rope_scaling),
+    of the global layers; `rope_theta_swa` is the sliding-window layers' base where it differs (Gemma 3)."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope = dict(params.get("full_attention", params))
     rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type")) or "default"
     rope["rope_type"] = str(rope_type).lower()
+    swa_theta = params.get("sliding_attention", {}).get("rope_theta", cfg.get("rope_local_base_freq"))
+    if swa_theta is not None:
+        rope["rope_theta_swa"] = swa_theta
     return rope
+
+
+def _check_config(cfg: dict, spec: ArchSpec, hf_arch: str, config_path: Path) -> None:
+    """Refuse, in one line each, the settings of config.json that llama.cpp's architecture would not reproduce."""
+    arch = gguf.MODEL_ARCH_NAMES[spec.gguf_arch]
+    if cfg.get("use_sliding_window"):
+        raise ValueError(f"sliding-window attention (use_sliding_window in {config_path}) is not supported by "
+                         f"llama.cpp's {arch} architecture")
+    if cfg.get("mlp_bias"):
+        raise ValueError(f"MLP biases (mlp_bias in {config_path}) are not supported by llama.cpp's {arch} "
+                         "architecture")
+    if cfg.get("attention_bias") and not (spec.attention_bias_ok or spec.qkv_bias):
+        raise ValueError(f"attention biases (attention_bias in {config_path}) are not supported for {hf_arch}")
+    if cfg.get("final_logit_softcapping") or cfg.get("attn_logit_softcapping"):
+        raise ValueError(f"logit soft-capping ({config_path}) is not supported by this tool's KLD measurements")
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError(f"bidirectional attention (use_bidirectional_attention in {config_path}) is not a causal LM")
+    if spec.swa_pattern is not None:
+        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", spec.swa_pattern))
+        if pattern != spec.swa_pattern:
+            raise ValueError(f"sliding_window_pattern {pattern} in {config_path}: llama.cpp's {arch} has every "
+                             f"{spec.swa_pattern}th layer global")
+        n = cfg["num_hidden_layers"]
+        llama_cpp = ["sliding_attention" if (i + 1) % spec.swa_pattern else "full_attention" for i in range(n)]
+        if cfg.get("layer_types") is not None and list(cfg["layer_types"]) != llama_cpp:
+            raise ValueError(f"layer_types in {config_path} is not llama.cpp's fixed {arch} pattern (every "
+                             f"{spec.swa_pattern}th layer global)")
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        if cfg.get("query_pre_attn_scalar", head_dim) != head_dim:
+            raise ValueError(f"query_pre_attn_scalar {cfg['query_pre_attn_scalar']} in {config_path} differs from "
+                             f"head_dim {head_dim}: llama.cpp scales attention by 1/sqrt(head_dim)")
 
 
 def _expected_shapes(cfg: dict, spec: ArchSpec, n_vocab: int, head_dim: int, tied: bool) -> dict:
@@ -140,8 +197,8 @@ def _expected_shapes(cfg: dict, spec: ArchSpec, n_vocab: int, head_dim: int, tie
     h, ff = cfg["hidden_size"], cfg["intermediate_size"]
     q_out = cfg["num_attention_heads"] * head_dim
     kv_out = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim
-    qkv_bias = spec.qkv_bias or bool(cfg.get("attention_bias", False))
-    o_bias = spec.gguf_arch == gguf.MODEL_ARCH.LLAMA and bool(cfg.get("attention_bias", False))
+    attention_bias = spec.attention_bias_ok and bool(cfg.get("attention_bias", False))
+    qkv_bias = spec.qkv_bias or attention_bias
     shapes = {"model.embed_tokens.weight": (n_vocab, h)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -150,10 +207,16 @@ def _expected_shapes(cfg: dict, spec: ArchSpec, n_vocab: int, head_dim: int, tie
             shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, h)
             if qkv_bias:
                 shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
+        if spec.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q_out)
-        if o_bias:
+        if attention_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if spec.sandwich_norms:
+            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
         shapes[p + "mlp.gate_proj.weight"] = (ff, h)
         shapes[p + "mlp.up_proj.weight"] = (ff, h)
         shapes[p + "mlp.down_proj.weight"] = (h, ff)
@@ -186,11 +249,7 @@ def load_model_info(model_dir, name: str | None = None) -> ModelInfo:
         raise ValueError(f"unsupported architecture {hf_arch!r} in {config_path}; supported: "
                          f"{', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[hf_arch]
-    if cfg.get("use_sliding_window"):
-        raise ValueError("sliding-window attention (use_sliding_window) is not supported by llama.cpp's "
-                         f"{gguf.MODEL_ARCH_NAMES[spec.gguf_arch]} architecture")
-    if cfg.get("mlp_bias"):
-        raise ValueError("MLP biases (mlp_bias) are not supported by llama.cpp's llama architecture")
+    _check_config(cfg, spec, hf_arch, config_path)
 
     sources = _checkpoint_tensors(model_dir)
     if "model.embed_tokens.weight" not in sources:
@@ -322,6 +381,15 @@ def llama3_rope_factors(info) -> np.ndarray:
             smooth = (old_ctx / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.asarray(out, dtype=np.float32)
+
+
+def to_stored_values(info: ModelInfo, hf_name: str, values, half: bool = False):
+    """A checkpoint tensor's float values as llama.cpp stores them: norm weights shifted by the architecture's
+    norm_shift (Gemma 3: convert_hf_to_gguf's Gemma3Model.norm_shift, 1 + w; in float16 for a float16
+    checkpoint, `half`, as the converter adds it in the stored dtype), rows in llama.cpp's order."""
+    if info.spec.norm_shift and hf_name.endswith("norm.weight"):
+        values = (values.half() + info.spec.norm_shift).float() if half else values + info.spec.norm_shift
+    return to_gguf_row_order(info, hf_name, values)
 
 
 def to_gguf_row_order(info: ModelInfo, hf_name: str, rows):

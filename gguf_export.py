@@ -15,7 +15,8 @@ import numpy as np
 import files
 import gguf_plan
 import quant_utils
-from architectures import GGUFTensor, ModelInfo, SourceTensor, llama3_rope_factors, to_gguf_row_order
+from architectures import (GGUFTensor, ModelInfo, SourceTensor, llama3_rope_factors, to_gguf_row_order,
+                           to_stored_values)
 from cli import UserError
 from config_file import imatrix_from_config, read_quantized_tensors
 from imatrix_file import load_imatrix
@@ -81,10 +82,11 @@ def tensor_values(info, spec: GGUFTensor, smoothing: Smoothing | None = None) ->
     """The float32 values of one GGUF tensor (after the config's smoothing), in the row order llama.cpp expects."""
     if spec.kind == gguf.MODEL_TENSOR.ROPE_FREQS:
         return llama3_rope_factors(info)
-    w = _read_float32(info.sources[spec.hf_name], spec.hf_name)
+    src = info.sources[spec.hf_name]
+    w = _read_float32(src, spec.hf_name)
     if smoothing is not None:
         w = transform_tensor(spec.hf_name, w, smoothing)
-    return to_gguf_row_order(info, spec.hf_name, w).numpy()
+    return to_stored_values(info, spec.hf_name, w, half=src.dtype == "F16").numpy()
 
 
 def shipped_tensor(info, spec: GGUFTensor, rows: np.ndarray) -> np.ndarray:

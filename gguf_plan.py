@@ -203,7 +203,8 @@ def mixed_file_type(info: ModelInfo, stored_types: dict[str, str]) -> gguf.Llama
 # --------------------------------------------------------------------------------------------------------------
 
 def _add_model_metadata(w: gguf.GGUFWriter, info: ModelInfo, file_type: int) -> None:
-    """Hyper-parameters from config.json, as convert_hf_to_gguf.py writes them for qwen2 and llama."""
+    """Hyper-parameters from config.json, as convert_hf_to_gguf.py writes them for the architectures of
+    architectures.ARCHITECTURES."""
     cfg = info.config
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(info.name)
@@ -237,6 +238,10 @@ def _add_model_metadata(w: gguf.GGUFWriter, info: ModelInfo, file_type: int) -> 
                          ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
             if rope.get(key) is not None:
                 add(rope[key])
+    if info.spec.swa_pattern is not None:    # Gemma3Model.set_gguf_parameters
+        w.add_sliding_window(cfg["sliding_window"])
+        if rope.get("rope_theta_swa") is not None:
+            w.add_rope_freq_base_swa(rope["rope_theta_swa"])
 
 
 def new_writer(info: ModelInfo, stored_types: dict[str, str], path, file_type: int) -> gguf.GGUFWriter:
@@ -247,7 +252,8 @@ def new_writer(info: ModelInfo, stored_types: dict[str, str], path, file_type: i
     """
     w = gguf.GGUFWriter(path, info.arch)
     _add_model_metadata(w, info, file_type)
-    add_vocab_metadata(w, read_vocab(info.model_dir, info.n_vocab))
+    add_vocab_metadata(w, read_vocab(info.model_dir, info.n_vocab, info.spec.sentencepiece,
+                                     info.spec.add_space_prefix))
     for t in info.tensors:
         qtype = get_type(stored_types[t.hf_name])
         w.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), qtype.tensor_size_bytes(t.shape),

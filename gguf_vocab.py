@@ -1,6 +1,8 @@
-"""The tokenizer as llama.cpp expects it: a byte-level BPE tokenizer.json written the way
-convert_hf_to_gguf.py's _set_vocab_gpt2 writes it, with the pre-tokenizer identified from what the tokenizer
-does (an unknown one is refused, never guessed).
+"""The tokenizer as llama.cpp expects it, written the way convert_hf_to_gguf.py writes it:
+- a byte-level BPE tokenizer.json (Qwen, Llama 3, SmolLM) as _set_vocab_gpt2 does, with the pre-tokenizer
+  identified from what the tokenizer does (an unknown one is refused, never guessed);
+- a SentencePiece tokenizer.model (Gemma, Mistral, Llama 2), for the architectures that read one, as
+  _set_vocab_sentencepiece does: pieces, scores and piece types, added tokens, and gguf-py's SpecialVocab.
 """
 from __future__ import annotations
 
@@ -99,8 +101,72 @@ def _merges(tokenizer_json: dict) -> list[str]:
             for pair in merges]
 
 
+@dataclass(frozen=True)
+class SentencePieceVocab:
+    tokens: list             # bytes
+    scores: list
+    token_types: list
+    special: gguf.SpecialVocab   # special ids, add_bos/add_eos, chat template (as the converter reads them)
+    add_space_prefix: bool | None
+
+
+def read_vocab(model_dir: Path, n_vocab: int, sentencepiece: bool = False,
+               add_space_prefix: bool | None = None) -> Vocab | SentencePieceVocab:
+    """The tokenizer of a checkpoint as llama.cpp needs it: its tokenizer.model where the architecture reads
+    one (`sentencepiece`) and the checkpoint has one, else its byte-level BPE tokenizer.json."""
+    if sentencepiece and (Path(model_dir) / "tokenizer.model").is_file():
+        return read_sentencepiece_vocab(Path(model_dir), n_vocab, add_space_prefix)
+    return read_bpe_vocab(Path(model_dir), n_vocab)
+
+
 @functools.lru_cache(maxsize=4)
-def read_vocab(model_dir: Path, n_vocab: int) -> Vocab:
+def read_sentencepiece_vocab(model_dir: Path, n_vocab: int, add_space_prefix: bool | None) -> SentencePieceVocab:
+    """convert_hf_to_gguf's _create_vocab_sentencepiece: every piece with its score and type, padded to
+    `n_vocab` with [PADn]; added_tokens.json and tokenizer_config.json's added tokens override pieces (control
+    when special or special-looking, else user-defined with U+2581 as a space). `add_space_prefix` None reads
+    tokenizer_config.json's add_prefix_space (LlamaModel.set_vocab); Gemma 3 writes False."""
+    from sentencepiece import SentencePieceProcessor
+
+    path = model_dir / "tokenizer.model"
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(f"{path} is not a readable SentencePiece model ({exc})") from None
+    if sp.vocab_size() > n_vocab:
+        raise ValueError(f"{path} has {sp.vocab_size()} pieces but the embedding has only {n_vocab} rows")
+    T = gguf.TokenType
+    tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [T.UNUSED] * n_vocab
+    for i in range(sp.vocab_size()):
+        tokens[i], scores[i] = sp.IdToPiece(i).encode("utf-8"), sp.GetScore(i)
+        types[i] = (T.UNKNOWN if sp.IsUnknown(i) else T.CONTROL if sp.IsControl(i) else
+                    T.UNUSED if sp.IsUnused(i) else T.BYTE if sp.IsByte(i) else T.NORMAL)
+    added_path = model_dir / "added_tokens.json"
+    if added_path.is_file():
+        for text, i in json.loads(added_path.read_text(encoding="utf-8")).items():
+            if i < n_vocab:
+                tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, T.USER_DEFINED
+    cfg_path = model_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    for key, data in tok_cfg.get("added_tokens_decoder", {}).items():
+        i, text = int(key), data["content"]
+        if i >= n_vocab:
+            continue
+        if data.get("special") or _looks_special(text):
+            types[i] = T.CONTROL
+        else:
+            text, types[i] = text.replace("\u2581", " "), T.USER_DEFINED
+        tokens[i], scores[i] = text.encode("utf-8"), -1000.0
+    if add_space_prefix is None:
+        add_space_prefix = tok_cfg.get("add_prefix_space")
+    special = gguf.SpecialVocab(model_dir, n_vocab=n_vocab)
+    return SentencePieceVocab(tokens, scores, [int(t) for t in types], special, add_space_prefix)
+
+
+@functools.lru_cache(maxsize=4)
+def read_bpe_vocab(model_dir: Path, n_vocab: int) -> Vocab:
     """The tokenizer as llama.cpp needs it: tokens padded to `n_vocab` with [PADn], types, merges, the
     pre-tokenizer, special ids, add_bos/add_eos (from what the tokenizer does) and the chat template."""
     from transformers import AutoTokenizer
@@ -174,7 +240,17 @@ def read_vocab(model_dir: Path, n_vocab: int) -> Vocab:
     return Vocab(tokens, types, _merges(tj), pre, special, bool(prefix), bool(suffix), chat_template)
 
 
-def add_vocab_metadata(w: gguf.GGUFWriter, vocab: Vocab) -> None:
+def add_vocab_metadata(w: gguf.GGUFWriter, vocab: Vocab | SentencePieceVocab) -> None:
+    if isinstance(vocab, SentencePieceVocab):     # _set_vocab_sentencepiece
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(vocab.tokens)
+        w.add_token_scores(vocab.scores)
+        w.add_token_types(vocab.token_types)
+        vocab.special.add_to_gguf(w, quiet=True)
+        if vocab.add_space_prefix is not None:
+            w.add_add_space_prefix(vocab.add_space_prefix)
+        return
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)

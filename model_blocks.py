@@ -1,7 +1,8 @@
 """The decoder as a sequence of blocks: its structure, and running it one block at a time.
 
-Llama-family decoders (Llama, Mistral, Qwen2/3, SmolLM): `model.model.layers`, `model.model.norm`,
-`model.lm_head`. The inputs of block 0 are caught once (GPTQ's `llama_sequential` pattern); each block then
+Llama-family decoders (Llama, Mistral, Qwen2/3, SmolLM, Gemma 3): `model.model.layers`, `model.model.norm`,
+`model.lm_head`. The inputs of block 0 are caught once (GPTQ's `llama_sequential` pattern), with the keyword
+arguments of each layer type (Gemma 3's sliding-window and global layers differ); each block then
 runs in float32 on its execution device, whatever the model's storage dtype and wherever its weights are held
 (placement.py may keep a block in CPU RAM and stream it to the GPU when it runs).
 """
@@ -10,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from architectures import architecture_of
 from cli import UserError
 
 COMPUTE_DTYPE = torch.float32
@@ -117,27 +121,36 @@ def load_model_and_tokenizer(path: str):
 
 @dataclass
 class BlockBatch:
-    """One micro-batch of hidden states entering a block, with the keyword arguments blocks are called with."""
+    """One micro-batch of hidden states entering a block, with the keyword arguments blocks are called with, by
+    layer type (Gemma 3's sliding-window and global layers get different masks and rotary tables; a model with
+    one kind of layer has one entry)."""
     hidden: torch.Tensor
-    kwargs: dict
+    kwargs: dict              # layer type -> keyword arguments
 
 
-class _CatchBlockInputs(nn.Module):
-    """Stands in for block 0 and stops the forward pass once it has seen the block's inputs (GPTQ's Catcher)."""
+LAYER_TYPE_ATTR = "_quant_layer_type"
 
-    class Caught(Exception):
-        pass
 
-    def __init__(self, block: nn.Module):
+def layer_type(block: nn.Module) -> str:
+    """The layer type a block was called as when its inputs were caught (catch_block_inputs)."""
+    return getattr(block, LAYER_TYPE_ATTR, "default")
+
+
+class _RecordBlockInputs(nn.Module):
+    """Stands in for a block while the decoder runs once: records the hidden states entering block 0 and the
+    keyword arguments of each layer type, and passes the hidden states on untouched (GPTQ's Catcher, for
+    decoders whose layers are called with different masks or rotary tables)."""
+
+    def __init__(self, block: nn.Module, kind: str, record: dict):
         super().__init__()
-        self.block = block
-        self.caught: BlockBatch | None = None
+        self.block, self.kind, self.record = block, kind, record
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise ValueError("decoder blocks are expected to take their extra inputs by keyword")
-        self.caught = BlockBatch(hidden_states, kwargs)
-        raise self.Caught
+        self.record.setdefault("hidden", hidden_states)
+        self.record["kwargs"].setdefault(self.kind, kwargs)
+        return hidden_states
 
 
 def _to_device(value, device: torch.device):
@@ -152,10 +165,29 @@ def _to_device(value, device: torch.device):
     return value
 
 
+def layer_types(model: nn.Module) -> list[str]:
+    """Each block's layer type (config.layer_types, e.g. Gemma 3's sliding_attention / full_attention)."""
+    n = len(decoder_blocks(model))
+    types = getattr(model.config, "layer_types", None) or ["default"] * n
+    if len(types) < n:
+        raise ValueError(f"config.layer_types names {len(types)} layers, the model has {n}")
+    return list(types[:n])
+
+
+def token_embeddings(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The token embeddings of `ids` in float32, as llama.cpp computes them: Gemma's scaled by sqrt(hidden size)
+    in float32 (transformers rounds the scale and the product to a bf16 model's dtype: 25.25 for 25.298)."""
+    embed = model.get_input_embeddings()
+    if not architecture_of(model).scales_embedding:
+        return embed(ids).to(COMPUTE_DTYPE)
+    return F.embedding(ids, embed.weight).to(COMPUTE_DTYPE) * math.sqrt(model.config.hidden_size)
+
+
 @torch.no_grad()
 def catch_block_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device
                        ) -> list[BlockBatch]:
-    """The hidden states entering block 0 for `ids` [n, seq_len], in micro-batches, on `device` in float32.
+    """The hidden states entering block 0 for `ids` [n, seq_len], in micro-batches, on `device` in float32,
+    with the keyword arguments of each layer type (every block is marked with its type for run_block).
 
     The embedding runs where the model lives; its output is cast to float32 and passed as `inputs_embeds`, so
     rotary tables and masks are built in float32 as well.
@@ -163,22 +195,23 @@ def catch_block_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, dev
     inner = decoder(model)
     blocks = inner.layers
     embed = model.get_input_embeddings()
-    catcher = _CatchBlockInputs(blocks[0])
-    blocks[0] = catcher
+    kinds = layer_types(model)
+    originals = list(blocks)
     batches = []
     try:
         for start in range(0, ids.shape[0], batch_size):
+            record: dict = {"kwargs": {}}
+            for i, (block, kind) in enumerate(zip(originals, kinds)):
+                setattr(block, LAYER_TYPE_ATTR, kind)
+                blocks[i] = _RecordBlockInputs(block, kind, record)
             batch_ids = ids[start:start + batch_size].to(embed.weight.device)
-            embeds = embed(batch_ids).to(COMPUTE_DTYPE)
-            with contextlib.suppress(_CatchBlockInputs.Caught):
-                inner(inputs_embeds=embeds, use_cache=False)
-            if catcher.caught is None:
+            inner(inputs_embeds=token_embeddings(model, batch_ids), use_cache=False)
+            if "hidden" not in record:
                 raise RuntimeError("the decoder did not call its first block")
-            batches.append(BlockBatch(_to_device(catcher.caught.hidden, device),
-                                      _to_device(catcher.caught.kwargs, device)))
-            catcher.caught = None
+            batches.append(BlockBatch(_to_device(record["hidden"], device), _to_device(record["kwargs"], device)))
     finally:
-        blocks[0] = catcher.block
+        for i, block in enumerate(originals):
+            blocks[i] = block
     return batches
 
 
@@ -217,9 +250,15 @@ def run_block(block: nn.Module, batch: BlockBatch) -> torch.Tensor:
     device (where its weights are, or where a CPU-held block is streamed: see place_model); the inputs follow
     the block there, and the output stays there."""
     device = execution_device(block)
-    batch = BlockBatch(_to_device(batch.hidden, device), _to_device(batch.kwargs, device))  # no-op when there
+    hidden = _to_device(batch.hidden, device)
+    kwargs = batch.kwargs.get(layer_type(block))
+    if kwargs is None:
+        if len(batch.kwargs) != 1:
+            raise ValueError(f"no block inputs for layer type {layer_type(block)!r}; caught: {list(batch.kwargs)}")
+        (kwargs,) = batch.kwargs.values()
+    kwargs = _to_device(kwargs, device)     # no-ops when they are there
     with streamed_to(block, device), float32_params(block):
-        out = block(batch.hidden, **batch.kwargs)
+        out = block(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

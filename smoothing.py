@@ -9,8 +9,9 @@ produces that input, so the float model computes exactly the same function:
 - `up_down`: up_proj rows / s, down_proj columns * s (down reads act(gate) * up);
 - `head`:    final norm weight / s, lm_head columns * s, only when the head is not tied to the embedding (the
              embedding's row lookup would not see the 1/s).
-Anything else (other norms, other architectures) is left alone: the transform never touches a path where it
-is not exactly equivalent.
+Anything else is left alone: the transform never touches a path where it is not exactly equivalent. Which
+kinds qualify is a fact of the architecture (architectures.ArchSpec.smooth_kinds): Gemma's RMSNorm scales by
+(1 + w), which cannot absorb 1/s, so Gemma 3 keeps only `v_o` and `up_down`.
 
 Scales follow SmoothQuant, s_j = act_j^a / w_j^(1-a), with act_j the RMS of input channel j over the calibration
 tokens (from the imatrix) and w_j the largest |weight| of column j over the consumers; normalised to geometric
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from architectures import architecture_of
 from calib_stats import CalibStats
 from model_blocks import block_prefix, decoder, decoder_blocks, is_tied, output_weight_name
 from quant_utils import fake_quantize, get_type
@@ -103,6 +105,11 @@ def _is_rms_norm(module: nn.Module) -> bool:
 
 def smooth_groups(model: nn.Module) -> list[SmoothGroup]:
     """Every group of a Llama-family decoder where scaling is exactly equivalent (see the module docstring)."""
+    kinds = set(architecture_of(model).smooth_kinds)
+    return [g for g in _candidate_groups(model) if g.kind in kinds]
+
+
+def _candidate_groups(model: nn.Module) -> list[SmoothGroup]:
     groups = []
     cfg = model.config
     n_heads = cfg.num_attention_heads
