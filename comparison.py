@@ -128,10 +128,11 @@ def check_gguf_matches_model(gguf_path, model_dir: Path, tokenizer, allow_other_
         raise UserError(f"{gguf_path} is not a GGUF of {model_dir}: " + "; ".join(diffs))
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of one user turn in the model's chat template, ready for the assistant's answer."""
+def generation_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of one user turn in the model's chat template, ready for the assistant's answer; for a base
+    model without a chat template (Gemma 3 270M), the prompt as text to continue, with the tokenizer's BOS."""
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the tokenizer has no chat template; generations need an instruct model's template")
+        return [int(t) for t in tokenizer(prompt)["input_ids"]]
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
@@ -199,7 +200,7 @@ def compare_models(original: Original, ggufs: list[tuple[str, str]], windows: np
     """
     source = original_reference_source(original.model_dir, settings)
     key = reference_key(source, windows, settings.reference_dtype)
-    prompt_ids = [chat_prompt_ids(original.tokenizer, p) for p in prompts]
+    prompt_ids = [generation_prompt_ids(original.tokenizer, p) for p in prompts]
     stop_ids = stop_token_ids(original.tokenizer, original.model_dir)
     jobs = []
     if not skip_original:

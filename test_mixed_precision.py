@@ -165,7 +165,7 @@ def main(argv=None) -> None:
         windows = comparison.load_eval_windows(args.eval_file, original.tokenizer, settings.seq_len,
                                                settings.n_windows)
         prompts = comparison.load_prompts(args.prompts)
-        prompt_ids = [comparison.chat_prompt_ids(original.tokenizer, p) for p in prompts]
+        prompt_ids = [comparison.generation_prompt_ids(original.tokenizer, p) for p in prompts]
         stop_ids = comparison.stop_token_ids(original.tokenizer, original.model_dir)
 
         reference = comparison.reference_for_model(original.model_dir, windows, settings)

@@ -397,3 +397,17 @@ def test_report_is_written_and_the_reference_is_reused(tiny, tmp_path, capsys):
     assert "note: no cached logits of the original" in out
     q4_line = next(line for line in out.splitlines() if line.startswith("Q4_K_M "))
     assert q4_line.split()[3:7] == ["-", "-", "-", "-"]  # KLD mean, median, p99, top-1
+
+
+def test_generation_prompts_use_the_chat_template_and_a_base_model_continues_the_text(tiny):
+    """An instruct model answers a user turn; a base model without a chat template (Gemma 3 270M) continues
+    the prompt, after its BOS."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny["dir"])
+    prompt = "The capital of France is"
+    chat = comparison.generation_prompt_ids(tok, prompt)
+    assert chat == tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           tokenize=True)["input_ids"]
+    tok.chat_template = None
+    assert comparison.generation_prompt_ids(tok, prompt) == tok(prompt)["input_ids"]
+    assert comparison.generation_prompt_ids(tok, prompt) != chat
