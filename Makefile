@@ -18,6 +18,8 @@ DEMO_MODEL := $(if $(filter gemma3,$(DEMO)),$(GEMMA3),$(SMOLLM2))
 DEMO_DIR := models/demo$(if $(filter gemma3,$(DEMO)),-gemma3)
 QWEN_TOKENIZER := models/qwen-tokenizer/tokenizer.json
 CONVERTER := models/llama.cpp-convert-$(LLAMA_VERSION)/convert_hf_to_gguf.py
+LLAMA_TOOLS := models/llama-tools-$(LLAMA_VERSION)
+LLAMA_QUANTIZE := $(LLAMA_TOOLS)/build/bin/llama-quantize
 WIKI := ../shared/data/wikitext-2
 
 .PHONY: all test demo venv clean-venv
@@ -61,7 +63,13 @@ $(CONVERTER): | $(STAMP)
 	  && rm llama_cpp_python-$(LLAMA_VERSION).tar.gz
 	rm -rf $(dir $@) && mv models/llama.cpp-convert.tmp $(dir $@)
 
-test: $(STAMP) $(SMOLLM2)
+# llama.cpp's own llama-quantize from the same sdist (tools/build_llama_tools.sh, about 3 min on 2 cores), for the
+# tests that run the search's llama-quantize recipe.
+$(LLAMA_QUANTIZE): | $(STAMP)
+	TARGETS=llama-quantize tools/build_llama_tools.sh $(LLAMA_TOOLS) > $(LLAMA_TOOLS).log 2>&1 \
+	  || { tail -20 $(LLAMA_TOOLS).log; exit 1; }
+
+test: $(STAMP) $(SMOLLM2) $(LLAMA_QUANTIZE)
 	-@$(MAKE) --no-print-directory $(QWEN_TOKENIZER) || echo "Qwen tokenizer not fetched: its tests will skip"
 	-@$(MAKE) --no-print-directory $(CONVERTER) || echo "llama.cpp's converter not fetched: its tests will skip"
 	$(VENV)/bin/ruff check .

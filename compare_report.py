@@ -1,9 +1,10 @@
 """Present a comparison: an aligned table on stdout, generations side by side, and a report directory.
 
 The report directory holds results.json (settings, every measured number, generations), report.md (the table,
-the plots and the generations) and two PNG plots: kld_vs_size.png (mean KLD from the original against file
-size, every GGUF including extra llama.cpp presets) and speed.png (prompt-processing and decode tok/s). Every
-file is written under a temporary name and renamed.
+the quality on each evaluation text, the plots and the generations) and three PNG plots: kld_vs_size.png (mean
+KLD from the original against file size: llama.cpp's presets, recognised type for type, as a line, every other
+GGUF a point against it), kld_vs_speed.png (the same against prompt-processing and decode tok/s) and speed.png
+(tok/s bars). Every file is written as one set.
 """
 from __future__ import annotations
 
@@ -103,6 +104,26 @@ def format_table(results) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def quality_by_text_table(results, markdown: bool = False) -> str:
+    """KLD mean, top-1 agreement and perplexity of every model on every evaluation text."""
+    texts = list(dict.fromkeys(t for r in results for t in r.quality_by_text))
+    headers = ["model"] + [f"{h} {t}" for t in texts for h in ("KLD", "top-1", "PPL")]
+    rows = []
+    for r in results:
+        row = [r.name]
+        for t in texts:
+            q = r.quality_by_text.get(t) or {}
+            top1 = q.get("top1_agree")
+            row += [_num(q.get("kld_mean"), ".5f"), "-" if top1 is None else f"{100 * top1:.2f}%", _ppl(q.get("ppl"))]
+        rows.append(row)
+    if markdown:
+        return "\n".join("| " + " | ".join(c) + " |" for c in [headers, ["---"] + ["---:"] * (len(headers) - 1)] + rows)
+    widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
 def markdown_table(results) -> str:
     """The comparison as a GitHub-flavoured markdown table."""
     headers, rows = table_cells(results)
@@ -152,27 +173,49 @@ def side_by_side(prompt: str, names: list[str], texts: list[str], width: int = 1
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _ladder_and_points(results, key: str):
+    """(presets sorted by size, other GGUFs) among the results that have `key` in their quality."""
+    ggufs = [r for r in results if r.kind == "gguf" and _quality(r, key) is not None]
+    presets = sorted((r for r in ggufs if r.recipe), key=lambda r: r.size_bytes)
+    return presets, [r for r in ggufs if not r.recipe]
+
+
+def _draw(ax, presets, others, x_of, key: str) -> None:
+    """llama.cpp's presets as a line (the ladder a mixed file should sit below), every other GGUF a point."""
+    if presets:
+        ax.plot([x_of(r) for r in presets], [_quality(r, key) for r in presets], "o-", color="tab:grey",
+                label="llama.cpp presets")
+        for r in presets:
+            ax.annotate(r.recipe, (x_of(r), _quality(r, key)), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8, color="tab:grey")
+    for r in others:
+        ax.scatter([x_of(r)], [_quality(r, key)], s=40, marker="D", zorder=3)
+        ax.annotate(r.name, (x_of(r), _quality(r, key)), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    values = [_quality(r, key) for r in presets + others]
+    if key == "kld_mean" and values and all(v > 0 for v in values):
+        ax.set_yscale("log")
+    if presets:
+        ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _quality_key(results) -> tuple[str, str]:
+    use_kld = any(_quality(r, "kld_mean") is not None for r in results if r.kind == "gguf")
+    return ("kld_mean", "mean KL divergence from the original (nats)") if use_kld else ("ppl", "perplexity")
+
+
 def plot_kld_vs_size(results, path: Path) -> None:
-    """Mean KLD from the original against file size for every GGUF (log KLD axis); the original's own size
-    is a dashed line. Without any KLD (no cached original logits) perplexity is plotted instead."""
+    """Mean KLD from the original against file size (log KLD axis): llama.cpp's presets as a line, the other
+    GGUFs as points; the original's own size is a dashed line. Without any KLD (no cached original logits)
+    perplexity is plotted instead."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ggufs = [r for r in results if r.kind == "gguf" and r.quality]
-    use_kld = any(_quality(r, "kld_mean") is not None for r in ggufs)
-    key, label = ("kld_mean", "mean KL divergence from the original (nats)") if use_kld else ("ppl", "perplexity")
-    labels: dict[tuple, list[str]] = {}  # models at the same point (e.g. one file given twice) share a label
-    for r in ggufs:
-        if _quality(r, key) is not None:
-            labels.setdefault((r.size_bytes / MiB, _quality(r, key)), []).append(r.name)
-    points = [(x, y, ", ".join(names)) for (x, y), names in labels.items()]
+    key, label = _quality_key(results)
+    presets, others = _ladder_and_points(results, key)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for x, y, name in points:
-        ax.scatter([x], [y], s=30)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if use_kld and points and all(y > 0 for _, y, _ in points):
-        ax.set_yscale("log")
+    _draw(ax, presets, others, lambda r: r.size_bytes / MiB, key)
     for r in results:
         if r.kind == "transformers":
             ax.axvline(r.size_bytes / MiB, color="grey", linestyle="--", linewidth=1)
@@ -180,8 +223,26 @@ def plot_kld_vs_size(results, path: Path) -> None:
                         xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8)
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel(label)
-    ax.set_title(("KL divergence" if use_kld else "perplexity") + " vs file size")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(("KL divergence" if key == "kld_mean" else "perplexity") + " vs file size")
+    files.save_figure(fig, path, bbox_inches="tight")
+
+
+def plot_kld_vs_speed(results, path: Path) -> None:
+    """Mean KLD against prompt-processing and decode speed (median tok/s), presets as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label = _quality_key(results)
+    presets, others = _ladder_and_points(results, key)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, mode, title in ((axes[0], "pp", "prompt processing"), (axes[1], "tg", "decode")):
+        timed = lambda rs: [r for r in rs if (r.speed or {}).get(f"{mode}_tok_per_s")]
+        ladder = sorted(timed(presets), key=lambda r: r.speed[f"{mode}_tok_per_s"])
+        _draw(ax, ladder, timed(others), lambda r: r.speed[f"{mode}_tok_per_s"], key)
+        ax.set_xlabel(f"{title} (tok/s, median)")
+    axes[0].set_ylabel(label)
+    fig.suptitle(("KL divergence" if key == "kld_mean" else "perplexity") + " vs speed")
     files.save_figure(fig, path, bbox_inches="tight")
 
 
@@ -221,7 +282,10 @@ def report_markdown(results, prompts: list[str], texts: dict, settings: dict, no
               "KLD is KL(original || model) per token.", ""]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["![KLD vs file size](kld_vs_size.png)", "", "![speed](speed.png)", "", "## Generations (greedy)", ""]
+    if any(len(r.quality_by_text) > 1 for r in results):
+        lines += ["Quality on each evaluation text:", "", quality_by_text_table(results, markdown=True), ""]
+    lines += ["![KLD vs file size](kld_vs_size.png) ![KLD vs speed](kld_vs_speed.png)", "", "![speed](speed.png)",
+              "", "## Generations (greedy)", ""]
     names = [r.name for r in results]
     for i, prompt in enumerate(prompts):
         lines += [f"### {_md_cell(prompt)}", "", "| " + " | ".join(names) + " |",
@@ -237,12 +301,14 @@ def write_report(report_dir, results, prompts: list[str], texts: dict, settings:
     report_dir = Path(report_dir)
     payload = {"settings": settings, "notes": notes, "prompts": prompts,
                "models": [{**asdict(r), "generations": texts[r.name]} for r in results]}
-    paths = [report_dir / n for n in ("results.json", "report.md", "kld_vs_size.png", "speed.png")]
+    paths = [report_dir / n for n in ("results.json", "report.md", "kld_vs_size.png", "kld_vs_speed.png",
+                                      "speed.png")]
     with files.OutputSet() as outputs:
         files.write_text(outputs.path(paths[0]), json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
         files.write_text(outputs.path(paths[1]), report_markdown(results, prompts, texts, settings, notes) + "\n")
         plot_kld_vs_size(results, outputs.path(paths[2]))
-        plot_speed(results, outputs.path(paths[3]))
+        plot_kld_vs_speed(results, outputs.path(paths[3]))
+        plot_speed(results, outputs.path(paths[4]))
     return paths
 
 

@@ -50,6 +50,29 @@ def load_eval_windows(eval_file: str | None, tokenizer, seq_len: int, n_windows:
     return windows.numpy().astype(np.int64)
 
 
+def preset_recipe(gguf_path, info) -> str | None:
+    """The llama.cpp preset a GGUF is (its file type's recipe, with or without an imatrix, type for type), or
+    None for any other mix: the report draws the presets as llama.cpp's size/quality ladder."""
+    reader = files.read_gguf(gguf_path, "GGUF file")
+    field = reader.fields.get("general.file_type")
+    if field is None:
+        return None
+    stored = {t.name: t.tensor_type.name for t in reader.tensors}
+    for name, preset in gguf_plan.PRESETS.items():
+        if int(preset.file_type) != int(field.contents()):
+            continue
+        for imatrix in (True, False):
+            planned = gguf_plan.preset_types(info, name, imatrix_available=imatrix)
+            if all(stored.get(architectures.gguf_name(info, n)) == t for n, t in planned.items()):
+                return name
+    return None
+
+
+def eval_text_name(eval_file: str | None) -> str:
+    """How an evaluation text is named in the tables: its file name, or the hub's wikitext-2 test split."""
+    return Path(eval_file).name if eval_file else "wikitext-2 test"
+
+
 def load_prompts(extra_file: str | None = None, default_file: Path = DEFAULT_PROMPTS_FILE) -> list[str]:
     """The repository's generation prompts followed by those of `extra_file` (--prompts).
 
@@ -191,8 +214,10 @@ def reference_for_model(model_dir, windows: np.ndarray, settings: Settings | Non
 
 
 def compare_models(original: Original, ggufs: list[tuple[str, str]], windows: np.ndarray, prompts: list[str],
-                   settings: Settings, skip_original: bool = False, isolate: bool = True):
+                   settings: Settings, skip_original: bool = False, isolate: bool = True,
+                   quality_only: bool = False):
     """Measure the original (unless skipped) and every (name, path) GGUF; returns (results, texts, notes).
+    `quality_only`: the windows' quality alone (no speed, memory or generations), for a further text.
 
     The original runs first and leaves its logits in the reference cache; every GGUF is then compared with
     that reference. With skip_original, a reference cached by an earlier run over the same windows is used;
@@ -205,8 +230,8 @@ def compare_models(original: Original, ggufs: list[tuple[str, str]], windows: np
     jobs = []
     if not skip_original:
         jobs.append(ModelJob("original", "transformers", str(original.model_dir), windows, prompt_ids, stop_ids,
-                             settings, key, source))
-    jobs += [ModelJob(name, "gguf", str(path), windows, prompt_ids, stop_ids, settings, key, source)
+                             settings, key, source, quality_only))
+    jobs += [ModelJob(name, "gguf", str(path), windows, prompt_ids, stop_ids, settings, key, source, quality_only)
              for name, path in ggufs]
     results, notes = [], []
     for i, job in enumerate(jobs, 1):
@@ -217,7 +242,8 @@ def compare_models(original: Original, ggufs: list[tuple[str, str]], windows: np
                              "(run once without --skip_original)")
         print(f"[{i}/{len(jobs)}] {job.name}: {job.path}", file=sys.stderr, flush=True)
         results.append(run_job(job, isolate))
-    measure_speeds_interleaved([r for r in results if r.kind == "gguf"], settings)
+    if not quality_only:
+        measure_speeds_interleaved([r for r in results if r.kind == "gguf"], settings)
     texts = {r.name: [original.tokenizer.decode(ids, skip_special_tokens=True) for ids in r.generations]
              for r in results}
     return results, texts, notes
@@ -239,9 +265,10 @@ def add_measurement_args(parser) -> None:
     """Options shared by compare_real_quant.py, compare_three_models.py and test_mixed_precision.py."""
     d = Settings()
     parser.add_argument("--max_tokens", type=at_least(0), default=d.max_tokens, help="tokens to generate per prompt")
-    parser.add_argument("--eval_file", default=None,
-                        help="evaluation text (.txt/.tokens/.raw/.jsonl/.parquet); default wikitext-2-raw-v1 "
-                             "test through datasets")
+    parser.add_argument("--eval_file", nargs="+", default=None, metavar="FILE",
+                        help="evaluation text (.txt/.tokens/.raw/.jsonl/.parquet), or several: each is scored and "
+                             "reported, the first also in the main table; default wikitext-2-raw-v1 test through "
+                             "datasets")
     parser.add_argument("--seq_len", type=at_least(4), default=d.seq_len, help="tokens per evaluation window")
     parser.add_argument("--n_windows", type=at_least(1), default=d.n_windows,
                         help="evaluation windows (consecutive, from the start of the text)")
@@ -290,16 +317,43 @@ def run_comparison(args, ggufs: list[tuple[str, str]]) -> None:
     original = load_original(args.model_id)
     for _, path in ggufs:
         check_gguf_matches_model(path, original.model_dir, original.tokenizer, args.allow_other_checkpoint)
-    windows = load_eval_windows(args.eval_file, original.tokenizer, settings.seq_len, settings.n_windows)
+    eval_texts = {}
+    for f in args.eval_file or [None]:
+        name, n = eval_text_name(f), 2
+        while name in eval_texts:                  # two files of the same name in different directories
+            name, n = f"{eval_text_name(f)} ({n})", n + 1
+        eval_texts[name] = load_eval_windows(f, original.tokenizer, settings.seq_len, settings.n_windows)
     prompts = load_prompts(args.prompts)
-    print(f"{'evaluation':<16} {len(windows)} windows of {settings.seq_len} tokens, "
-          f"{len(windows) * (settings.seq_len - 1 - first_scored(settings.seq_len))} scored")
+    for name, windows in eval_texts.items():
+        print(f"{'evaluation':<16} {name}: {len(windows)} windows of {settings.seq_len} tokens, "
+              f"{len(windows) * (settings.seq_len - 1 - first_scored(settings.seq_len))} scored")
 
+    (first, windows), *further = eval_texts.items()
     results, texts, notes = compare_models(original, ggufs, windows, prompts, settings,
                                            skip_original=args.skip_original)
+    for r in results:
+        r.quality_by_text[first] = r.quality
+    for name, more_windows in further:
+        print(f"quality on {name}", file=sys.stderr, flush=True)
+        more, _, more_notes = compare_models(original, ggufs, more_windows, [], settings,
+                                             skip_original=args.skip_original, quality_only=True)
+        notes += [n for n in more_notes if n not in notes]
+        for r, m in zip(results, more):
+            r.quality_by_text[name] = m.quality
+
+    try:
+        info = architectures.load_model_info(original.model_dir, name=original.name)
+    except ValueError:               # an architecture the exporter does not know: no preset ladder to draw
+        info = None
+    for r in results:
+        if r.kind == "gguf" and info is not None:
+            r.recipe = preset_recipe(r.path, info)
 
     print()
     print(compare_report.format_table(results))
+    if further:
+        print()
+        print(compare_report.quality_by_text_table(results))
     print(compare_report.speed_ratios(results))
     for note in notes:
         print(f"note: {note}")

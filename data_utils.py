@@ -10,6 +10,8 @@ the split's documents as strings; the dispatchers below are dict lookups (gptq's
 - `get_eval_dataset` cuts the disjoint evaluation split (wikitext-2 test, or a local file) into consecutive
   non-overlapping windows from its start, the way llama-perplexity cuts chunks.
 - `chat_documents` wraps documents in the model's chat template (`--calib_chat`), for instruct models.
+- `draw_windows` mixes sources by weight (`--calib self:3,wikitext2:1`); `self` is the model's own text
+  (self_calibration.py), handed in as a callback so this module stays free of models.
 
 When the tokenizer puts BOS in front of a text, the first token of every window is replaced by BOS, as
 llama-imatrix and llama-perplexity do; tokenizers without BOS (SmolLM2, Qwen2) get plain windows.
@@ -203,16 +205,101 @@ def sample_window_starts(n_tokens: int, seq_len: int, n_samples: int, seed: int)
     return offset + slots.astype(np.int64) * seq_len
 
 
-def get_calib_dataset(source, tokenizer, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
-                      chat: bool = False) -> torch.Tensor:
-    """Calibration windows: LongTensor [n_samples, seq_len] drawn from the source's calibration split."""
-    documents = load_documents(source, "calib")
-    if chat:
-        documents = chat_documents(documents, tokenizer)
+def windows_of(documents: Sequence[str], tokenizer, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`n_samples` windows of `seq_len` tokens drawn from the documents' token stream (sample_window_starts)."""
     stream = tokenize_documents(documents, tokenizer)
     starts = sample_window_starts(stream.numel(), seq_len, n_samples, seed)
     windows = torch.stack([stream[s:s + seq_len] for s in starts])
     return _with_bos(windows, tokenizer)
+
+
+def get_calib_dataset(source, tokenizer, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
+                      chat: bool = False) -> torch.Tensor:
+    """Calibration windows: LongTensor [n_samples, seq_len] drawn from the source's calibration split."""
+    if source == SELF:
+        raise DataSourceError("--calib self is read by mixed_precision_ptq.py only; pass text here")
+    documents = load_documents(source, "calib")
+    if chat:
+        documents = chat_documents(documents, tokenizer)
+    return windows_of(documents, tokenizer, n_samples, seq_len, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixed calibration sources (--calib wikitext2,self or with files, optionally weighted: self:3,notes.txt:1)
+# ---------------------------------------------------------------------------------------------------------
+
+SELF = "self"        # the model's own answers to calib_prompts.txt (self_calibration.py)
+WINDOW_ROLES = ("calib", "kld", "measure")
+
+
+def parse_calib_sources(text: str) -> list[tuple[str, float]]:
+    """`--calib`: comma-separated sources (a hub name, `self`, or a file), each optionally `:weight` (default 1):
+    the share of every window role it supplies."""
+    sources = []
+    for item in text.split(","):
+        name, weight = item.strip(), 1.0
+        head, sep, tail = name.rpartition(":")
+        if sep and head:
+            try:
+                name, weight = head, float(tail)
+            except ValueError:
+                pass                           # a path with a colon, no weight
+        if not name:
+            raise DataSourceError(f"--calib {text!r}: empty source name")
+        if not weight > 0 or weight == float("inf"):
+            raise DataSourceError(f"--calib {text!r}: the weight of {name} must be a positive number")
+        if name != SELF and name not in HUB_SOURCES and Path(name).suffix.lower() not in FILE_READERS:
+            raise DataSourceError(f"unknown calibration source {name!r}: use self, {', '.join(HUB_SOURCES)} or a "
+                                  f"file ending in {', '.join(FILE_READERS)}")
+        sources.append((name, weight))
+    if len({n for n, _ in sources}) != len(sources):
+        raise DataSourceError(f"--calib {text!r} names a source twice")
+    return sources
+
+
+def split_counts(n: int, weights: Sequence[float]) -> list[int]:
+    """`n` split in proportion to `weights` (largest remainder; ties to the earlier source)."""
+    exact = [n * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))[:n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def describe_sources(sources: Sequence[tuple[str, float]]) -> str:
+    if len(sources) == 1:
+        return describe_source(sources[0][0])
+    return ",".join(f"{describe_source(name)}:{weight:g}" for name, weight in sources)
+
+
+def draw_windows(sources: Sequence[tuple[str, float]], tokenizer, counts: dict[str, int], seq_len: int, seed: int,
+                 chat: bool = False, self_documents: Callable[[str, int], list[str]] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Windows for each role (WINDOW_ROLES: calibration, single-tensor KLDs, the GA's measured KLD), every role
+    split over the sources by weight. A text source gives one draw cut into the roles in that order (disjoint
+    windows; one source alone gives exactly get_calib_dataset's windows); `self` gives calibration windows from
+    its calibration draw and the others from its held-out draw (`self_documents(role, n_tokens)`)."""
+    per_source = {role: split_counts(counts[role], [w for _, w in sources]) for role in WINDOW_ROLES}
+    parts: dict[str, list[torch.Tensor]] = {role: [] for role in WINDOW_ROLES}
+    for i, (name, _) in enumerate(sources):
+        n = {role: per_source[role][i] for role in WINDOW_ROLES}
+        if name == SELF:
+            if self_documents is None:
+                raise DataSourceError("--calib self needs the model to write its own text")
+            held = n["kld"] + n["measure"]
+            drawn = {"calib": windows_of(self_documents("calib", (n["calib"] + 1) * seq_len), tokenizer,
+                                         n["calib"], seq_len, seed) if n["calib"] else None,
+                     "held": windows_of(self_documents("heldout", (held + 1) * seq_len), tokenizer, held, seq_len,
+                                        seed) if held else None}
+            cuts = [("calib", drawn["calib"], 0), ("kld", drawn["held"], 0), ("measure", drawn["held"], n["kld"])]
+        else:
+            total = sum(n.values())
+            ids = get_calib_dataset(name, tokenizer, total, seq_len, seed, chat=chat) if total else None
+            cuts = [("calib", ids, 0), ("kld", ids, n["calib"]), ("measure", ids, n["calib"] + n["kld"])]
+        for role, ids, start in cuts:
+            if n[role]:
+                parts[role].append(ids[start:start + n[role]])
+    return {role: torch.cat(p) if p else torch.zeros(0, seq_len, dtype=torch.long) for role, p in parts.items()}
 
 
 def get_eval_dataset(source, tokenizer, seq_len: int = 512, n_samples: int | None = None) -> torch.Tensor:
@@ -228,8 +315,10 @@ def get_eval_dataset(source, tokenizer, seq_len: int = 512, n_samples: int | Non
 
 def add_calib_args(parser) -> None:
     """The calibration-data options shared by every script that calibrates."""
-    parser.add_argument("--calib", "--calib_dataset", dest="calib_dataset", default="wikitext2",
-                        help="hub calibration source (datasets)")
+    parser.add_argument("--calib", "--calib_dataset", dest="calib_dataset", default="wikitext2", type=calib_spec,
+                        help="calibration text: wikitext2 (the hub), self (the model's answers to calib_prompts.txt; "
+                             "mixed_precision_ptq.py) or files; several comma-separated, each optionally :weight "
+                             "(its share of the windows), e.g. self:3,wikitext2:1")
     parser.add_argument("--calib_file", nargs="+", default=None,
                         help="local calibration text (.txt/.tokens, .jsonl, .parquet; several allowed); "
                              "overrides --calib_dataset")
@@ -238,6 +327,16 @@ def add_calib_args(parser) -> None:
     parser.add_argument("--seq_len", type=at_least(2), default=512, help="tokens per window")
     parser.add_argument("--seed", type=int, default=0, help="window sampling seed")
     parser.add_argument("--device", type=device_argument, default="auto", help="cuda | mps | cpu | auto")
+
+
+def calib_spec(text: str) -> str:
+    """--calib, once parse_calib_sources accepts it."""
+    import argparse
+    try:
+        parse_calib_sources(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def device_argument(text: str) -> str:

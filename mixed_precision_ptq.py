@@ -43,13 +43,16 @@ import config_file
 import data_utils
 import files
 import genetic_optim
+import gguf_export
 import gguf_plan
 import gptq
 import imatrix_file
 import kld
+import llama_recipe
 import placement
 import quant_utils
 import quantized_weights
+import self_calibration
 import sensitivity
 import sensitivity_table
 import smoothing
@@ -239,15 +242,16 @@ def load_inputs(args) -> SearchInputs:
     check_finite(model, menus, model_dir)
     if resolve_device(args.device).type == "cpu" or args.smooth != "off":
         model = model.float()        # smoothing rescales weights in place: in bf16 that would round them
-    source = args.calib_file or args.calib_dataset
-    n_total = args.n_samples + args.kld_samples + args.measure_samples
-    ids = data_utils.get_calib_dataset(source, tokenizer, n_total, args.seq_len, args.seed, chat=args.calib_chat)
+    sources = ([(args.calib_file, 1.0)] if args.calib_file else data_utils.parse_calib_sources(args.calib_dataset))
+    windows = data_utils.draw_windows(
+        sources, tokenizer, {"calib": args.n_samples, "kld": args.kld_samples, "measure": args.measure_samples},
+        args.seq_len, args.seed, chat=args.calib_chat,
+        self_documents=lambda role, n_tokens: self_calibration.self_documents(
+            info, tokenizer, role, n_tokens, args.seed, Path(args.cache_dir)))
     return SearchInputs(
-        model_dir, info, model, budget, budget_source, allowed, menus, data_utils.describe_source(source),
-        calib_ids=ids[:args.n_samples],
-        holdout_ids=ids[args.n_samples:args.n_samples + args.kld_samples, :args.kld_seq_len],
-        measure_ids=ids[args.n_samples + args.kld_samples:],
-        presets=preset_seeds(info, budget))
+        model_dir, info, model, budget, budget_source, allowed, menus, data_utils.describe_sources(sources),
+        calib_ids=windows["calib"], holdout_ids=windows["kld"][:, :args.kld_seq_len],
+        measure_ids=windows["measure"], presets=preset_seeds(info, budget))
 
 
 def check_budget(info: architectures.ModelInfo, budget: int, menus: dict[str, tuple[str, ...]]) -> None:
@@ -436,9 +440,10 @@ def search_assignment(args, run: SearchInputs, analyzer: sensitivity.LayerSensit
 def save_outputs(args, run: SearchInputs, stats: calib_stats.CalibStats, smooth: smoothing.Smoothing,
                  smooth_records: list[dict], analyzer: sensitivity.LayerSensitivityAnalyzer,
                  outcome: SearchOutcome, costs: speed_costs.SpeedCosts | None, seconds: dict,
-                 outputs: files.OutputSet) -> dict:
-    """The config (types, imatrix, smoothing, the search's record), its JSON twin, the shipped GPTQ tensors
-    and the convergence plot, into the run's output set; returns the shipped tensors {name: (type, bytes)}."""
+                 outputs: files.OutputSet) -> tuple[dict, llama_recipe.Recipe]:
+    """The config (types, imatrix, smoothing, the search's record), its JSON twin, the shipped GPTQ tensors,
+    the convergence plot and the llama-quantize recipe, into the run's output set; returns the shipped tensors
+    {name: (type, bytes)} and the recipe."""
     out = Path(args.output)
     imatrix_path = out.with_suffix(".imatrix.gguf")
     final_types = outcome.tensor_types
@@ -477,13 +482,21 @@ def save_outputs(args, run: SearchInputs, stats: calib_stats.CalibStats, smooth:
     record["quantizer"] = args.quantizer
     if args.quantizer == "gptq":
         record["refine_sweeps"] = gptq.REFINE_SWEEPS      # the shipped bytes' sweeps (the table's: none)
+    plan = gguf_export.plan_from_types(run.info, final_types, im)     # what export_gguf_official.py will do
+    shapes = architectures.quantizable_tensors(run.info)
+    plan.smoothing = smooth
+    plan.shipped = {name: np.frombuffer(raw, np.uint8).reshape(shapes[name][0], -1)
+                    for name, (_, raw) in shipped.items()}
+    recipe = llama_recipe.write_recipe(plan, out, outputs, [run.calib_source])
+    record["llama_quantize_recipe"] = {"script": str(llama_recipe.recipe_paths(out)["script"]),
+                                       "bytes_identical": recipe.exact}
     config_file.save_config(outputs.path(out), run.info, final_types, imatrix=im, imatrix_path=str(imatrix_path),
                             extra=record)
     files.write_json(outputs.path(out.with_suffix(".json")), {
         **record, "smoothing": smoothing_summary(smooth, smooth_records), "tensor_types": final_types,
         "imatrix_path": str(imatrix_path)})
     convergence_plot(result.history, outputs.path(out.with_suffix(".convergence.png")))
-    return shipped
+    return shipped, recipe
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -567,13 +580,16 @@ def main(argv=None) -> None:
             sensitivity_table.plot_heatmap(table, outputs.path(out.with_suffix(".sensitivity.png")))
         with timed(seconds, "search"):
             outcome = search_assignment(args, run, analyzer, table, costs)
-        shipped = save_outputs(args, run, stats, smooth, smooth_records, analyzer, outcome, costs, seconds,
+        shipped, recipe = save_outputs(args, run, stats, smooth, smooth_records, analyzer, outcome, costs, seconds,
                                outputs)
 
     print_summary(outcome.rows, outcome.tensor_types)
     print(f"budget {run.budget_bytes:,} bytes ({run.budget_source}); config {out} (+ .json, .convergence.png, "
           f".sensitivity.*, {out.with_suffix('.imatrix.gguf').name}"
           + (f", {out.with_suffix('.tensors.gguf').name}: {len(shipped)} GPTQ tensors)" if shipped else ")"))
+    print(f"llama-quantize recipe: sh {llama_recipe.recipe_paths(out)['script']} MODEL-F32.gguf OUTPUT.gguf ("
+          + ("the exporter's bytes)" if recipe.exact else
+             "the same types; the exporter's bytes only with --quantizer ggml and no smoothing)"))
     if args.smooth != "off":
         gains = smoothing.type_gains(smooth_records)
         print(f"smoothing ({args.smooth}): {len(smooth.alpha)} of {len(smoothing.smooth_groups(run.model))} input "

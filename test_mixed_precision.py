@@ -26,6 +26,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import activation_rounding
 import architectures
 import cli
@@ -162,8 +164,8 @@ def main(argv=None) -> None:
             comparison.check_gguf_matches_model(args.gguf_path, original.model_dir, original.tokenizer,
                                                 args.allow_other_checkpoint)
             check_gguf_follows_plan(args.gguf_path, plan)
-        windows = comparison.load_eval_windows(args.eval_file, original.tokenizer, settings.seq_len,
-                                               settings.n_windows)
+        windows = np.concatenate([comparison.load_eval_windows(f, original.tokenizer, settings.seq_len,
+                                                               settings.n_windows) for f in args.eval_file or [None]])
         prompts = comparison.load_prompts(args.prompts)
         prompt_ids = [comparison.generation_prompt_ids(original.tokenizer, p) for p in prompts]
         stop_ids = comparison.stop_token_ids(original.tokenizer, original.model_dir)

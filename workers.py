@@ -62,6 +62,7 @@ class ModelJob:
     settings: Settings
     reference_key: str | None = None      # cached reference to compare against (or, for the original, build)
     reference_source: str | None = None   # the original's source id, stored in a reference it builds
+    quality_only: bool = False            # only the windows' quality (a further evaluation text)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class ModelResult:
     quality: dict | None = None
     speed: dict | None = None
     generations: list = field(default_factory=list)   # token ids per prompt (decoded by the parent)
+    quality_by_text: dict = field(default_factory=dict)   # evaluation text -> quality on it (the first: `quality`)
+    recipe: str | None = None          # the llama.cpp preset this GGUF is, type for type (None: another mix)
 
 
 def progress_bar(job: ModelJob, what: str):
@@ -93,16 +96,18 @@ def measure_gguf(job: ModelJob) -> ModelResult:
     logit buffer is measurement overhead, not what running the model costs) is created.
     """
     s = job.settings
-    gpu_before = gpu_used_bytes()
-    t0 = time.perf_counter()
-    llm = open_llama(job.path, max(s.pp_tokens, s.tg_tokens), max(s.pp_tokens, 1), False, s.n_threads)
-    load_s = time.perf_counter() - t0
-    for test in llama_bench_tests(llm, s.pp_tokens, s.tg_tokens):
-        test()
-    gpu_after = gpu_used_bytes()
-    speed = Speed(load_s, None, None, peak_rss_bytes(),
-                  gpu_after - gpu_before if gpu_after is not None and gpu_before is not None else None)
-    llm.close()
+    speed = None
+    if not job.quality_only:
+        gpu_before = gpu_used_bytes()
+        t0 = time.perf_counter()
+        llm = open_llama(job.path, max(s.pp_tokens, s.tg_tokens), max(s.pp_tokens, 1), False, s.n_threads)
+        load_s = time.perf_counter() - t0
+        for test in llama_bench_tests(llm, s.pp_tokens, s.tg_tokens):
+            test()
+        gpu_after = gpu_used_bytes()
+        speed = Speed(load_s, None, None, peak_rss_bytes(),
+                      gpu_after - gpu_before if gpu_after is not None and gpu_before is not None else None)
+        llm.close()
 
     longest = max([len(p) for p in job.prompt_ids] + [0]) + s.max_tokens
     llm = open_llama(job.path, max(s.seq_len, longest), 512, True, s.n_threads)
@@ -112,7 +117,7 @@ def measure_gguf(job: ModelJob) -> ModelResult:
     llm.close()
     device = "llama.cpp GPU (all layers offloaded)" if llama_gpu_offload() else f"llama.cpp CPU, {s.n_threads} threads"
     return ModelResult(job.name, job.kind, job.path, os.path.getsize(job.path), device, asdict(quality),
-                       asdict(speed), generations)
+                       asdict(speed) if speed is not None else None, generations)
 
 
 def measure_transformers(job: ModelJob) -> ModelResult:
@@ -133,10 +138,12 @@ def measure_transformers(job: ModelJob) -> ModelResult:
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
     n_vocab = model.get_output_embeddings().weight.shape[0]
-    pp, tg = transformers_speed(model, n_vocab, s.pp_tokens, s.tg_tokens, s.speed_runs)
-    gpu_after = gpu_used_bytes()
-    speed = Speed(load_s, pp, tg, peak_rss_bytes(),
-                  gpu_after - gpu_before if gpu_after is not None and gpu_before is not None else None)
+    speed = None
+    if not job.quality_only:
+        pp, tg = transformers_speed(model, n_vocab, s.pp_tokens, s.tg_tokens, s.speed_runs)
+        gpu_after = gpu_used_bytes()
+        speed = Speed(load_s, pp, tg, peak_rss_bytes(),
+                      gpu_after - gpu_before if gpu_after is not None and gpu_before is not None else None)
     generations = [transformers_greedy(model, ids, s.max_tokens, job.stop_ids)
                    for ids in progress_bar(job, "generate")]
     reference = open_reference(s.cache_dir, job.reference_key) if job.reference_key else None
@@ -147,7 +154,7 @@ def measure_transformers(job: ModelJob) -> ModelResult:
         transformers_logits_fn(model), job.windows, None, s.progress, desc=job.name)
     size = sum(os.path.getsize(p) for p in weight_files(Path(job.path)))
     return ModelResult(job.name, job.kind, job.path, size, f"transformers {device} {dtype_name}",
-                       asdict(quality), asdict(speed), generations)
+                       asdict(quality), asdict(speed) if speed is not None else None, generations)
 
 
 MEASURE = {"gguf": measure_gguf, "transformers": measure_transformers}

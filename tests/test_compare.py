@@ -353,9 +353,13 @@ def test_report_is_written_and_the_reference_is_reused(tiny, tmp_path, capsys):
               "--tg_tokens", "8", "--speed_runs", "2", "--max_tokens", "6", "--threads", "1", "--device", "cpu",
               "--cache_dir", str(tmp_path / "cache"), "--prompts", str(tmp_path / "prompts.txt"), "--no_progress"]
     report = tmp_path / "report"
-    compare_three_models.main(common + ["--gguf", str(tiny["q4km"]), "--report", str(report)])
+    other = tmp_path / "other.txt"      # a second evaluation text: the first's words in reverse order
+    other.write_text(" ".join(reversed(tiny["eval"].read_text(encoding="utf-8").split())), encoding="utf-8")
+    compare_three_models.main(common + ["--gguf", str(tiny["q4km"]), "--report", str(report), "--eval_file",
+                                        str(tiny["eval"]), str(other)])
     out = capsys.readouterr().out
     assert "model" in out and "KLD mean" in out and "tg tok/s" in out and "prompt: Say hello." in out
+    assert "KLD other.txt" in out and "KLD eval.txt" in out
 
     results = json.loads((report / "results.json").read_text(encoding="utf-8"))
     models = {m["name"]: m for m in results["models"]}
@@ -368,6 +372,11 @@ def test_report_is_written_and_the_reference_is_reused(tiny, tmp_path, capsys):
     assert models["original"]["quality"]["kld_mean"] == 0.0
     assert 0 < models["mixed"]["quality"]["kld_mean"] < models["Q4_K_M"]["quality"]["kld_mean"]  # F32 vs Q4_K_M
     assert models["q4km"]["quality"] == models["Q4_K_M"]["quality"]  # llama.cpp is deterministic
+    for m in models.values():                                          # every model scored on both texts
+        assert list(m["quality_by_text"]) == ["eval.txt", "other.txt"]
+        assert m["quality_by_text"]["eval.txt"] == m["quality"]
+        assert m["quality_by_text"]["other.txt"]["ppl"] != m["quality"]["ppl"]
+    assert [m["recipe"] for m in models.values()] == [None, "Q4_K_M", "F32", "Q4_K_M"]   # the presets' ladder
     for name in ("Q4_K_M", "mixed", "q4km"):                           # GGUF speeds: 2 interleaved rounds
         speed = models[name]["speed"]
         assert speed["speed_runs"] == 2 and speed["pp_q25"] <= speed["pp_tok_per_s"] <= speed["pp_q75"]
@@ -376,7 +385,8 @@ def test_report_is_written_and_the_reference_is_reused(tiny, tmp_path, capsys):
     md = (report / "report.md").read_text(encoding="utf-8")
     assert "| model | size MiB | PPL | KLD mean |" in md and "| Q4_K_M |" in md and "speed.png" in md
     import matplotlib.image
-    for name in ("kld_vs_size.png", "speed.png"):
+    assert "Quality on each evaluation text" in md and "KLD other.txt" in md
+    for name in ("kld_vs_size.png", "kld_vs_speed.png", "speed.png"):
         data = (report / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(report / name).ndim == 3
@@ -385,7 +395,7 @@ def test_report_is_written_and_the_reference_is_reused(tiny, tmp_path, capsys):
     # The original's logits are cached: a run without it still measures KLD, with the same numbers.
     compare_three_models.main(common + ["--skip_original"])
     out = capsys.readouterr().out
-    assert len(list((tmp_path / "cache").glob("ref-*"))) == 1
+    assert len(list((tmp_path / "cache").glob("ref-*"))) == 2     # one per evaluation text
     q4_line = next(line for line in out.splitlines() if line.startswith("Q4_K_M "))
     assert f"{models['Q4_K_M']['quality']['kld_mean']:.5f}" in q4_line
     assert not [line for line in out.splitlines() if line.startswith("original ")]  # not run

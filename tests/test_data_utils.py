@@ -133,3 +133,39 @@ def test_chat_calibration_wraps_paragraphs_in_the_chat_template(tokenizer, tmp_p
     windows = data_utils.get_calib_dataset(str(path), tokenizer, n_samples=4, seq_len=256, seed=0, chat=True)
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert (windows == im_start).any(dim=1).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixed sources (--calib a:w,b:w): parse, split by weight, one source alone is exactly the old draw
+# ---------------------------------------------------------------------------------------------------------
+
+def test_calib_spec_parses_weights_and_refuses_bad_ones(tmp_path):
+    assert data_utils.parse_calib_sources("wikitext2") == [("wikitext2", 1.0)]
+    assert data_utils.parse_calib_sources("self:3, notes.txt:0.5") == [("self", 3.0), ("notes.txt", 0.5)]
+    for bad, says in [("self:0", "positive"), ("self:-1", "positive"), ("self,self", "twice"),
+                      ("novel.docx", "unknown calibration source"), ("self,", "empty")]:
+        with pytest.raises(data_utils.DataSourceError, match=says):
+            data_utils.parse_calib_sources(bad)
+
+
+def test_split_counts_follows_the_weights_exactly():
+    assert data_utils.split_counts(128, [1.0]) == [128]
+    assert data_utils.split_counts(128, [3.0, 1.0]) == [96, 32]
+    assert data_utils.split_counts(8, [1.0, 1.0, 1.0]) == [3, 3, 2]
+    assert data_utils.split_counts(1, [1.0, 1.0]) == [1, 0]
+
+
+def test_mixed_draw_takes_each_role_from_each_source_by_weight(tokenizer, tmp_path, excerpt):
+    (tmp_path / "a.txt").write_text(excerpt[:70_000], encoding="utf-8")
+    (tmp_path / "b.txt").write_text(excerpt[70_000:], encoding="utf-8")
+    counts = {"calib": 12, "kld": 3, "measure": 4}
+    alone = data_utils.draw_windows([(str(tmp_path / "a.txt"), 1.0)], tokenizer, counts, 64, 0)
+    old = data_utils.get_calib_dataset(str(tmp_path / "a.txt"), tokenizer, 19, 64, 0)
+    assert torch.equal(torch.cat([alone["calib"], alone["kld"], alone["measure"]]), old)
+    mixed = data_utils.draw_windows([(str(tmp_path / "a.txt"), 1.0), (str(tmp_path / "b.txt"), 3.0)],
+                                    tokenizer, counts, 64, 0)
+    assert {r: len(w) for r, w in mixed.items()} == counts
+    from_b = data_utils.get_calib_dataset(str(tmp_path / "b.txt"), tokenizer, 9 + 2 + 3, 64, 0)
+    assert torch.equal(mixed["calib"][3:], from_b[:9])        # a gives 3 of 12 calibration windows, b 9
+    with pytest.raises(data_utils.DataSourceError, match="self"):
+        data_utils.draw_windows([("self", 1.0)], tokenizer, counts, 64, 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -490,3 +491,51 @@ def test_failing_tensor_leaves_no_file_and_is_named(tiny_qwen2, tmp_path, capsys
     assert "blk.2.ffn_up.weight" in err and "NaN" in err
     assert out.read_bytes() == b"previous file"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.gguf.")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The llama-quantize recipe: stock llama-quantize, given it, writes our bytes
+# ----------------------------------------------------------------------------------------------------------------
+
+LLAMA_VERSION = next(line.split("==")[1].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+                     if line.startswith("llama-cpp-python=="))
+# built from the llama-cpp-python sdist by `make test` (tools/build_llama_tools.sh)
+LLAMA_QUANTIZE = ROOT / "models" / f"llama-tools-{LLAMA_VERSION}" / "build" / "bin" / "llama-quantize"
+needs_llama_quantize = pytest.mark.skipif(not LLAMA_QUANTIZE.is_file(), reason=f"{LLAMA_QUANTIZE} not built: "
+                                          "make test builds it")
+
+
+def run_recipe(config: Path, f32: Path, out: Path) -> None:
+    """The recipe's script, as a user runs it, with the llama-quantize built from the sdist."""
+    import llama_recipe
+    script = llama_recipe.recipe_paths(config)["script"]
+    proc = subprocess.run(["sh", str(script), str(f32), str(out), "2"], capture_output=True, text=True,
+                          env={**os.environ, "LLAMA_QUANTIZE": str(LLAMA_QUANTIZE)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+@needs_llama_quantize
+@pytest.mark.parametrize("which", ["tiny_qwen2", "tiny_llama"])
+def test_recipe_makes_llama_quantize_write_our_bytes_for_every_type(which, request, f32_exports, tmp_path):
+    """Every type (the imatrix-only IQ types with the imatrix), fallbacks, a tied embedding with an imatrix and
+    an untied head: llama-quantize with the recipe writes every tensor as our exporter does."""
+    import files
+    import llama_recipe
+    model_dir = request.getfixturevalue(which)
+    info = architectures.load_model_info(model_dir)
+    write_imatrix(tmp_path / "imatrix.gguf", info, seed=2)
+    imatrix = imatrix_file.load_imatrix(tmp_path / "imatrix.gguf", info)
+    embedding = next(t.hf_name for t in info.tensors if t.kind == gguf.MODEL_TENSOR.TOKEN_EMBD)
+    imatrix[embedding] = np.random.default_rng(3).gamma(0.5, 2.0, info.hidden_size).astype(np.float32)
+    types = mixed_types(info, MIXED_TYPES + IMATRIX_TYPES)
+    ours, plan = export(model_dir, tmp_path / "ours.gguf", tensor_types=types, imatrix=imatrix)
+    with files.OutputSet() as outputs:
+        recipe = llama_recipe.write_recipe(plan, tmp_path / "cfg.pt", outputs, ["random"])
+    assert recipe.exact and (recipe.output_tensor_type is None) == info.tied
+    # each line names exactly one tensor, as llama-quantize's regex search reads it
+    lines = (tmp_path / "cfg.tensor-types.txt").read_text().split()
+    names = [t.gguf_name for t in info.tensors]
+    assert all(sum(bool(re.search(line.split("=")[0], n)) for n in names) == 1 for line in lines)
+    run_recipe(tmp_path / "cfg.pt", f32_exports[which], tmp_path / "theirs.gguf")
+    assert len({t.tensor_type for t in gguf_tensors(ours).values()}) >= (15 if which == "tiny_qwen2" else 8)
+    assert_same_tensors(ours, tmp_path / "theirs.gguf")

@@ -14,6 +14,7 @@ import mixed_precision_ptq as ptq
 import architectures
 import config_file
 import gguf_export
+from test_export import assert_same_tensors, export, gguf_tensors, needs_llama_quantize, run_recipe
 
 CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
 FAST = ["--n_samples", "8", "--seq_len", "64", "--kld_samples", "2", "--kld_seq_len", "32",
@@ -187,13 +188,54 @@ def test_gptq_tensors_from_another_checkpoint_or_missing_are_refused(searched, t
     assert "a.tensors.gguf, which is missing" in capsys.readouterr().err
 
 
-def test_quantizer_ggml_ships_no_tensor_file(searched):
+@pytest.fixture(scope="module")
+def searched_ggml(searched):
     model_dir, base, budget, _ = searched
     (base / "plain.tensors.gguf").write_bytes(b"stale")
     cfg = run_search(model_dir, base / "plain.pt", base / "cache", "--target_size", str(budget), "--quantizer", "ggml")
+    return model_dir, base, cfg
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(searched) -> Path:
+    """The searched checkpoint at F32 (what convert_hf_to_gguf.py --outtype f32 writes)."""
+    model_dir, base, _, _ = searched
+    return export(model_dir, base / "f32.gguf", preset="F32")[0]
+
+
+def test_quantizer_ggml_ships_no_tensor_file(searched_ggml):
+    model_dir, base, cfg = searched_ggml
     assert cfg["quantizer"] == "ggml" and "quantized_tensors" not in cfg
     assert not (base / "plain.tensors.gguf").exists()
     assert [row["name"] for row in cfg["comparison"]][0] == "preset Q4_K_M ggml"
+
+
+@needs_llama_quantize
+def test_recipe_of_a_ggml_search_gives_llama_quantize_our_bytes(searched_ggml, f32_gguf):
+    """The search's recipe, run by stock llama-quantize on the F32 GGUF: every tensor byte-identical to the
+    exported config (the tiny Llama: tied embedding quantized with the head's imatrix, rows that fall back)."""
+    model_dir, base, cfg = searched_ggml
+    assert cfg["llama_quantize_recipe"]["bytes_identical"]
+    exporter.main(["--model_id", str(model_dir), "--config", str(base / "plain.pt"), "--output",
+                   str(base / "plain.gguf")])
+    run_recipe(base / "plain.pt", f32_gguf, base / "plain-llama-quantize.gguf")
+    assert_same_tensors(base / "plain.gguf", base / "plain-llama-quantize.gguf")
+
+
+@needs_llama_quantize
+def test_recipe_of_a_gptq_search_gives_the_types_not_the_bytes(searched, f32_gguf):
+    model_dir, base, budget, cfg = searched
+    assert not cfg["llama_quantize_recipe"]["bytes_identical"]
+    assert "not its bytes" in (base / "a.llama-quantize.sh").read_text()
+    exporter.main(["--model_id", str(model_dir), "--config", str(base / "a.pt"), "--output", str(base / "a.gguf")])
+    run_recipe(base / "a.pt", f32_gguf, base / "a-llama-quantize.gguf")
+    ours, theirs = gguf_tensors(base / "a.gguf"), gguf_tensors(base / "a-llama-quantize.gguf")
+    assert {n: t.tensor_type for n, t in ours.items()} == {n: t.tensor_type for n, t in theirs.items()}
+    differ = [n for n in ours if not np.array_equal(np.asarray(ours[n].data).view(np.uint8),
+                                                     np.asarray(theirs[n].data).view(np.uint8))]
+    info = architectures.load_model_info(model_dir)
+    shipped = {architectures.gguf_name(info, n) for n in cfg["quantized_tensors"]["tensors"]}
+    assert differ and set(differ) <= shipped       # GPTQ's bytes differ; every other tensor is ggml's
 
 
 def test_any_menu_works_even_without_the_usual_measured_types(tiny_qwen2, tmp_path):
@@ -203,3 +245,27 @@ def test_any_menu_works_even_without_the_usual_measured_types(tiny_qwen2, tmp_pa
                      "--target_bpw", "6.2", "--max_slowdown", "off")
     assert set(cfg["tensor_types"].values()) <= {"Q5_K", "Q6_K", "Q8_0"}
     assert len(set(cfg["tensor_types"].values())) >= 2 and cfg["kld_measured"] > 0
+
+
+def test_calib_self_calibrates_on_the_models_own_answers_and_caches_them(searched, tmp_path):
+    """--calib self: the tiny model answers calib_prompts.txt in llama.cpp; calibration and held-out windows
+    come from draws over disjoint prompts; a second run reads the cached text instead of generating again."""
+    import self_calibration
+    model_dir, _, budget, _ = searched
+    argv = ["--model_id", str(model_dir), "--calib", "self", "--cache_dir", str(tmp_path / "cache"), *FAST,
+            "--target_size", str(budget), "--max_slowdown", "off"]
+    ptq.main([*argv, "--output", str(tmp_path / "s.pt")])
+    cfg = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert cfg["calibration"]["source"] == "self"
+    drawn = sorted((tmp_path / "cache").glob("self-calib-*.json"))
+    assert len(drawn) == 2 and not list((tmp_path / "cache").glob("*.gguf"))   # the F16 generator is removed
+    prompts = self_calibration.read_prompts()
+    answered = []
+    for path in drawn:
+        docs = self_calibration.documents_of(self_calibration.read_draw(path))
+        answered.append({p for p in prompts if any(p in d for d in docs)})
+    assert answered[0] and answered[1] and not answered[0] & answered[1]
+    stamps = [p.stat().st_mtime_ns for p in drawn]
+    ptq.main([*argv, "--output", str(tmp_path / "again.pt")])
+    assert [p.stat().st_mtime_ns for p in drawn] == stamps
+    assert torch.load(tmp_path / "again.pt", weights_only=True)["tensor_types"] == cfg["tensor_types"]

@@ -2,7 +2,8 @@
 # Build llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench) from the llama.cpp
 # source vendored in the llama-cpp-python sdist, OUTSIDE this repository, for cross-checks and measurements.
 # Usage: tools/build_llama_tools.sh [DEST] (default /tmp/llama-tools); extra cmake flags via CMAKE_ARGS,
-# e.g. CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90". About 4 minutes on 2 cores (CPU build).
+# e.g. CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90"; TARGETS="llama-quantize" builds fewer tools.
+# About 4 minutes on 2 cores (CPU build).
 set -euo pipefail
 DEST=${1:-/tmp/llama-tools}
 VERSION=$(sed -n 's/^llama-cpp-python==//p' "$(dirname "$0")/../requirements.txt")
@@ -19,5 +20,5 @@ case "$(uname -m)" in
 esac
 cmake -S "$SRC" -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_SERVER=OFF ${CMAKE_ARGS:-}
-cmake --build build -j"$(nproc)" --target llama-quantize llama-imatrix llama-perplexity llama-bench
+cmake --build build -j"$(nproc)" --target ${TARGETS:-llama-quantize llama-imatrix llama-perplexity llama-bench}
 echo "tools in $DEST/build/bin"
