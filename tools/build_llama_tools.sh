@@ -8,6 +8,7 @@ set -euo pipefail
 DEST=${1:-/tmp/llama-tools}
 VERSION=$(sed -n 's/^llama-cpp-python==//p' "$(dirname "$0")/../requirements.txt")
 mkdir -p "$DEST"
+DEST=$(cd "$DEST" && pwd)
 cd "$DEST"
 if [ ! -d "llama_cpp_python-$VERSION" ]; then
   python3 -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d .
