@@ -32,6 +32,7 @@ measures 0.0088, against 0.0097 with 16k Gram tokens and no sweep.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,24 +130,33 @@ def quantize(weight: torch.Tensor, qtype: str, feedback: Feedback, n_threads: in
     """The GGUF bytes of a 2-D weight (rows x row length) in `qtype` with GPTQ error feedback and `sweeps`
     refinement sweeps; row layout as quant_utils.quantize returns it. Rows are independent: a subset of rows
     gives those rows' bytes."""
-    t = _check(weight, qtype, feedback)
+    return quantize_many([weight], [qtype], feedback, n_threads, sweeps)[0]
+
+
+def quantize_many(weights: Sequence[torch.Tensor], qtypes: Sequence[str], feedback: Feedback,
+                  n_threads: int | None = None, sweeps: int = REFINE_SWEEPS) -> list[bytes]:
+    """`quantize` of several weights that read the same input (q/k/v, gate/up, one tensor in several types of
+    one block size, row samples), in one pass: GPTQ's rows are independent given H, so their rows are stacked,
+    every block column of all of them goes to ggml in one dispatch (quant_utils.quantize_many) and one product
+    moves all their errors on. On a GPU this keeps the CPU's threads busy instead of waiting on one small
+    block column at a time."""
+    stack = _Stack.of(weights, qtypes, feedback)
     device, upper = feedback.upper.device, feedback.upper
-    original = weight.detach().to(device=device, dtype=torch.float64)[:, feedback.order]
+    original = stack.original(weights, feedback, device)
     w = original.clone()
-    n_rows, n = w.shape
-    b = t.block_size
-    n_blocks = n // b
-    by_position = np.empty((n_rows, n_blocks, t.block_bytes), dtype=np.uint8)
+    b, n_blocks = feedback.block_size, feedback.n_columns // feedback.block_size
+    by_position = [np.empty((z - a, n_blocks, t.block_bytes), dtype=np.uint8) for (a, z), t in stack]
     quantized = torch.empty_like(w)
     for j, u_inv in enumerate(feedback.block_inverses):
         cols = slice(j * b, (j + 1) * b)
-        raw = quant_utils.quantize(w[:, cols].float(), t, (u_inv ** 2).sum(1), n_threads)
-        by_position[:, j] = np.frombuffer(raw, dtype=np.uint8).reshape(n_rows, t.block_bytes)
-        quantized[:, cols] = _decode(raw, t.name, (n_rows, b), device)
+        raws = stack.quantize(w[:, cols], (u_inv ** 2).sum(1), n_threads)
+        for ((a, z), t), raw, positions in zip(stack, raws, by_position):
+            positions[:, j] = np.frombuffer(raw, dtype=np.uint8).reshape(z - a, t.block_bytes)
+            quantized[a:z, cols] = _decode(raw, t.name, (z - a, b), device)
         if j + 1 < n_blocks:
             err = (w[:, cols] - quantized[:, cols]) @ u_inv
             w[:, cols.stop:] -= err @ upper[cols, cols.stop:]
-    return _swept_bytes(original, quantized, by_position, t.name, feedback, n_threads, sweeps)
+    return _swept_bytes(original, quantized, by_position, stack, feedback, n_threads, sweeps)
 
 
 def refine(weight: torch.Tensor, raw: bytes, qtype: str, feedback: Feedback, n_threads: int | None = None,
@@ -154,33 +164,72 @@ def refine(weight: torch.Tensor, raw: bytes, qtype: str, feedback: Feedback, n_t
     """`sweeps` refinement sweeps of `raw`, this weight's `quantize(..., sweeps=0)` bytes, so that the sweeps can
     wait until a search knows which (tensor, type) it keeps: `refine(w, quantize(w, q, f, sweeps=0), q, f, k)`
     is `quantize(w, q, f, sweeps=k)`, bit for bit."""
-    t = _check(weight, qtype, feedback)
+    return refine_many([weight], [raw], [qtype], feedback, n_threads, sweeps)[0]
+
+
+def refine_many(weights: Sequence[torch.Tensor], raws: Sequence[bytes], qtypes: Sequence[str],
+                feedback: Feedback, n_threads: int | None = None, sweeps: int = REFINE_SWEEPS) -> list[bytes]:
+    """`refine` of several weights that read the same input, their rows stacked (see `quantize_many`)."""
+    stack = _Stack.of(weights, qtypes, feedback)
     device = feedback.hessian.device
-    original = weight.detach().to(device=device, dtype=torch.float64)[:, feedback.order]
-    n_rows, n = original.shape
-    quantized = _decode(raw, t.name, (n_rows, n), device)[:, feedback.order].contiguous()
-    by_row = np.frombuffer(raw, dtype=np.uint8).reshape(n_rows, n // t.block_size, t.block_bytes)
-    by_position = by_row[:, _block_positions(feedback)]     # fancy indexing: a writable copy
-    return _swept_bytes(original, quantized, by_position, t.name, feedback, n_threads, sweeps)
+    original = stack.original(weights, feedback, device)
+    n = feedback.n_columns
+    quantized = torch.cat([_decode(raw, t.name, (z - a, n), device) for ((a, z), t), raw in zip(stack, raws)]
+                          )[:, feedback.order].contiguous()
+    positions = _block_positions(feedback)
+    by_position = [np.frombuffer(raw, dtype=np.uint8).reshape(z - a, n // t.block_size, t.block_bytes)[:, positions]
+                   for ((a, z), t), raw in zip(stack, raws)]     # fancy indexing: writable copies
+    return _swept_bytes(original, quantized, by_position, stack, feedback, n_threads, sweeps)
 
 
-def _swept_bytes(original: torch.Tensor, quantized: torch.Tensor, by_position: np.ndarray, qtype: str,
-                 feedback: Feedback, n_threads: int | None, sweeps: int) -> bytes:
-    """The bytes after `sweeps` refinement sweeps, blocks put back in row order (the end of `quantize` and of
-    `refine`, which must agree bit for bit)."""
+@dataclass(frozen=True)
+class _Stack:
+    """Weights of one block size stacked by rows: each one's row range in the stack and its type."""
+    bounds: tuple[tuple[int, int], ...]
+    types: tuple
+
+    @classmethod
+    def of(cls, weights: Sequence[torch.Tensor], qtypes: Sequence[str], feedback: Feedback) -> _Stack:
+        if len(weights) != len(qtypes) or not weights:
+            raise ValueError(f"{len(weights)} weights and {len(qtypes)} types: one type per weight, at least one")
+        types = tuple(_check(w, q, feedback) for w, q in zip(weights, qtypes))
+        ends = np.cumsum([w.shape[0] for w in weights]).tolist()
+        return cls(tuple(zip([0] + ends[:-1], ends)), types)
+
+    def __iter__(self):
+        return iter(zip(self.bounds, self.types))
+
+    def original(self, weights: Sequence[torch.Tensor], feedback: Feedback, device: torch.device) -> torch.Tensor:
+        """The stacked rows in float64 on `device`, columns in processing order."""
+        return torch.cat([w.detach().to(device=device, dtype=torch.float64) for w in weights])[:, feedback.order]
+
+    def quantize(self, columns: torch.Tensor, importance: torch.Tensor, n_threads: int | None) -> list[bytes]:
+        """ggml's bytes of each weight's rows of these columns, in its type, weighted by `importance`."""
+        values = columns.float().cpu().numpy()
+        importance = importance.float().cpu().numpy()
+        return quant_utils.quantize_many([(values[a:z], t, importance) for (a, z), t in self], n_threads)
+
+
+def _swept_bytes(original: torch.Tensor, quantized: torch.Tensor, by_position: list[np.ndarray], stack: _Stack,
+                 feedback: Feedback, n_threads: int | None, sweeps: int) -> list[bytes]:
+    """The bytes after `sweeps` refinement sweeps, blocks put back in row order (the end of `quantize_many` and
+    of `refine_many`, which must agree bit for bit)."""
     for _ in range(sweeps):
-        _refine(original, quantized, by_position, qtype, feedback, n_threads)
-    out = np.empty_like(by_position)
-    out[:, _block_positions(feedback)] = by_position
-    return out.tobytes()
+        _refine(original, quantized, by_position, stack, feedback, n_threads)
+    positions = _block_positions(feedback)
+    out = []
+    for by_pos in by_position:
+        rows = np.empty_like(by_pos)
+        rows[:, positions] = by_pos
+        out.append(rows.tobytes())
+    return out
 
 
-def _refine(original: torch.Tensor, quantized: torch.Tensor, by_position: np.ndarray, qtype: str,
+def _refine(original: torch.Tensor, quantized: torch.Tensor, by_position: list[np.ndarray], stack: _Stack,
             feedback: Feedback, n_threads: int | None) -> None:
     """One block coordinate descent sweep (module docstring), in place: `quantized` (decoded values) and
     `by_position` (their bytes) change together, row by row, only where a row's output error falls."""
-    n_rows, n = quantized.shape
-    b = n // by_position.shape[1]
+    b = feedback.block_size
     hessian = feedback.hessian
     diff = quantized - original
     grad = diff @ hessian                      # D H: each block's coupling to all the others
@@ -189,8 +238,9 @@ def _refine(original: torch.Tensor, quantized: torch.Tensor, by_position: np.nda
         h_block = hessian[cols, cols]
         rest = grad[:, cols] - diff[:, cols] @ h_block
         target = original[:, cols] - rest @ h_block_inv
-        raw = quant_utils.quantize(target.float(), qtype, torch.diagonal(h_block), n_threads)
-        candidate = _decode(raw, qtype, (n_rows, b), quantized.device)
+        raws = stack.quantize(target, torch.diagonal(h_block), n_threads)
+        candidate = torch.cat([_decode(raw, t.name, (z - a, b), quantized.device)
+                               for ((a, z), t), raw in zip(stack, raws)])
         old, new = quantized[:, cols] - target, candidate - target
         better = ((new @ h_block) * new).sum(1) < ((old @ h_block) * old).sum(1)
         if not bool(better.any()):
@@ -200,4 +250,6 @@ def _refine(original: torch.Tensor, quantized: torch.Tensor, by_position: np.nda
         diff[:, cols] += step
         grad[:, cols.stop:] += step @ hessian[cols, cols.stop:]    # earlier blocks are not visited again
         rows = better.cpu().numpy()
-        by_position[rows, j] = np.frombuffer(raw, dtype=np.uint8).reshape(n_rows, -1)[rows]
+        for ((a, z), t), raw, by_pos in zip(stack, raws, by_position):
+            keep = rows[a:z]
+            by_pos[keep, j] = np.frombuffer(raw, dtype=np.uint8).reshape(z - a, -1)[keep]

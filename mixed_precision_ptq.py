@@ -434,6 +434,8 @@ def search_assignment(args, run: SearchInputs, analyzer: sensitivity.LayerSensit
                                        ("genetic algorithm", result.genome, result.measured_kld)):
         rows.append(row(name, problem.file_size_bytes(genome), problem.predicted_damage(genome), kld_measured,
                         problem.types_of(genome)))
+    print(f"measured {len(evaluator.results)} assignments end to end: quantization "
+          f"{evaluator.seconds['quantization']:.0f} s, KLD {evaluator.seconds['kld']:.0f} s")
     return SearchOutcome(problem, result, rows, best_preset, time_limits)
 
 

@@ -288,29 +288,40 @@ def quantize(weight, qtype: str | QuantType, imatrix=None, n_threads: int | None
     so the result does not depend on the split. `imatrix` is the per-column activation importance that
     llama-quantize passes (sum of squares / count).
     """
-    t = get_type(qtype)
-    w = _as_float32_rows(weight)
-    n_rows, n_per_row = w.shape
-    check_fits(t, n_per_row)
-    im = _as_imatrix(imatrix, n_per_row)
-    if t.requires_imatrix and im is None:
-        raise ValueError(f"{t.name} cannot be quantized without an imatrix")
-    row_bytes = t.row_size_bytes(n_per_row)
-    out = np.empty(n_rows * row_bytes, dtype=np.uint8)
+    return quantize_many([(weight, qtype, imatrix)], n_threads)[0]
+
+
+def quantize_many(jobs, n_threads: int | None = None) -> list[bytes]:
+    """`quantize` of several (weight, qtype, imatrix) jobs, their rows split into one list of tasks for the
+    thread pool: many small jobs (GPTQ's block columns of several tensors and types) keep every thread busy
+    where one call per job would leave the pool waiting on the slowest chunk of each."""
+    n_threads = n_threads or default_threads()
     lib = _lib()
-    lib.ggml_quantize_init(t.ggml_type)
-    im_ptr = im.ctypes.data if im is not None else None
+    outs, tasks = [], []
+    for weight, qtype, imatrix in jobs:
+        t = get_type(qtype)
+        w = _as_float32_rows(weight)
+        n_rows, n_per_row = w.shape
+        check_fits(t, n_per_row)
+        im = _as_imatrix(imatrix, n_per_row)
+        if t.requires_imatrix and im is None:
+            raise ValueError(f"{t.name} cannot be quantized without an imatrix")
+        lib.ggml_quantize_init(t.ggml_type)
+        out = np.empty(n_rows * t.row_size_bytes(n_per_row), dtype=np.uint8)
+        outs.append(out)
+        tasks += [(t, w, out, im, first_row, rows) for first_row, rows in
+                  _row_chunks(n_rows, n_per_row, n_threads, _MIN_QUANTIZE_ELEMENTS_PER_TASK)]
 
     def run(task):
-        first_row, rows = task
-        written = lib.ggml_quantize_chunk(t.ggml_type, w.ctypes.data, out.ctypes.data,
-                                          first_row * n_per_row, rows, n_per_row, im_ptr)
-        if written != rows * row_bytes:
+        t, w, out, im, first_row, rows = task
+        n_per_row = w.shape[1]
+        written = lib.ggml_quantize_chunk(t.ggml_type, w.ctypes.data, out.ctypes.data, first_row * n_per_row,
+                                          rows, n_per_row, im.ctypes.data if im is not None else None)
+        if written != rows * t.row_size_bytes(n_per_row):
             raise RuntimeError(f"ggml wrote {written} bytes for {rows} rows of {t.name}")
 
-    _run_tasks(run, _row_chunks(n_rows, n_per_row, n_threads or default_threads(),
-                                _MIN_QUANTIZE_ELEMENTS_PER_TASK), n_threads)
-    return out.tobytes()
+    _run_tasks(run, tasks, n_threads)
+    return [out.tobytes() for out in outs]
 
 
 def dequantize(raw: bytes | np.ndarray, qtype: str | QuantType, shape, n_threads: int | None = None

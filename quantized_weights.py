@@ -28,7 +28,11 @@ from quant_utils import dequantize, get_type, quantize
 # non-linear type llama.cpp uses for IQ4_XS rows that K-blocks do not fit.
 K_MENU = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 BLOCK32_MENU = ("Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-QUANTIZERS = ("gptq", "ggml")     # gptq: ggml's quantizer with GPTQ error feedback (gptq.py); ggml: ggml alone
+QUANTIZERS = ("gptq", "ggml")
+# GPTQ passes stack the rows of the weights that share a factor (gptq.quantize_many) up to this many bytes of
+# float64 rows; a pass holds about four such arrays (the weights, their updates or quantized values, the
+# sweep's gradient), so 1 GiB keeps a pass under 4-5 GiB of device memory.
+STACK_BYTES = 1 << 30     # gptq: ggml's quantizer with GPTQ error feedback (gptq.py); ggml: ggml alone
 
 
 def candidate_types(n_per_row: int, k_menu: Sequence[str] = K_MENU,
@@ -114,7 +118,7 @@ class QuantizedWeights:
         bytes); the draft itself where GPTQ does not apply (kept in `drafts`); with `plain`, ggml's alone, as
         llama-quantize makes them (`plain_quantized`). No (tensor, type) is quantized twice."""
         key = (spec.name, qtype)
-        if plain and self.quantizer != "ggml":
+        if plain and self.feedback_key(spec, qtype) is not None:     # elsewhere plain is what GPTQ's path gives
             if key not in self.plain_quantized:
                 self.plain_quantized[key] = self.encode(spec, qtype, feedback=False)
             return self.plain_quantized[key]
@@ -129,6 +133,78 @@ class QuantizedWeights:
                 weight = self.model.get_parameter(spec.name).detach()
                 self.quantized[key] = gptq.refine(weight, draft, qtype, feedback, sweeps=gptq.REFINE_SWEEPS)
         return self.quantized[key]
+
+    def prepare_drafts(self, pairs: Sequence[tuple[WeightSpec, str]]) -> None:
+        """`draft_bytes` of many pairs at once: those that share a GPTQ factor go through it in one stacked
+        pass (gptq.quantize_many), which on a GPU keeps the CPU's quantizer threads busy."""
+        todo = [(spec, q) for spec, q in dict.fromkeys(pairs)
+                if (spec.name, q) not in self.drafts and (spec.name, q) not in self.quantized]
+        for (spec, q), raw in zip(todo, self.encode_many([(spec, q, None) for spec, q in todo])):
+            self.drafts[(spec.name, q)] = raw
+
+    def prepare_quantized(self, pairs: Sequence[tuple[WeightSpec, str]]) -> None:
+        """`quantized_bytes` of many pairs at once: drafts at hand are refined, the others quantized with the
+        sweep, in stacked passes per GPTQ factor (bit for bit the pairs' `quantized_bytes` one at a time)."""
+        todo = [(spec, q) for spec, q in dict.fromkeys(pairs) if (spec.name, q) not in self.quantized]
+        if gptq.REFINE_SWEEPS == 0:
+            self.prepare_drafts(todo)
+            return
+        with_factor = [(spec, q) for spec, q in todo if self.feedback_key(spec, q) is not None]
+        self.prepare_drafts([(spec, q) for spec, q in todo if self.feedback_key(spec, q) is None])
+        drafted = [(spec, q) for spec, q in with_factor if (spec.name, q) in self.drafts]
+        for group in self._stacks(drafted):
+            weights = [self.model.get_parameter(spec.name).detach() for spec, _ in group]
+            raws = [self.drafts.pop((spec.name, q)) for spec, q in group]
+            refined = gptq.refine_many(weights, raws, [q for _, q in group], self.feedback_of(*group[0]),
+                                       sweeps=gptq.REFINE_SWEEPS)
+            self.quantized.update({(spec.name, q): raw for (spec, q), raw in zip(group, refined)})
+        fresh = [(spec, q) for spec, q in with_factor if (spec.name, q) not in self.quantized]
+        for (spec, q), raw in zip(fresh, self.encode_many([(spec, q, None) for spec, q in fresh],
+                                                          sweeps=gptq.REFINE_SWEEPS)):
+            self.quantized[(spec.name, q)] = raw
+
+    def encode_many(self, items: Sequence[tuple[WeightSpec, str, torch.Tensor | None]], sweeps: int = 0
+                    ) -> list[bytes]:
+        """`encode` of many (spec, qtype, rows) at once (rows None: the whole tensor), GPTQ's in stacked passes
+        per factor; in the order given."""
+        out: dict[int, bytes] = {}
+        with_factor = []
+        for i, (spec, q, rows) in enumerate(items):
+            if self.feedback_key(spec, q) is None:
+                out[i] = self.encode(spec, q, rows)
+            else:
+                with_factor.append(i)
+        for group in self._stacks([items[i] for i in with_factor], with_factor):
+            weights = []
+            for i in group:
+                spec, _, rows = items[i]
+                weight = self.model.get_parameter(spec.name).detach()
+                weights.append(weight if rows is None else weight[rows.to(weight.device)])
+            raws = gptq.quantize_many(weights, [items[i][1] for i in group], self.feedback_of(*items[group[0]][:2]),
+                                      sweeps=sweeps)
+            out.update(zip(group, raws))
+        return [out[i] for i in range(len(items))]
+
+    def _stacks(self, items: Sequence[tuple], labels: Sequence | None = None) -> list[list]:
+        """`labels` (default: the items themselves) grouped by the GPTQ factor their (spec, qtype) use, each
+        group cut so that its stacked float64 rows stay under STACK_BYTES (a larger weight goes alone)."""
+        labels = list(items) if labels is None else list(labels)
+        by_factor: dict[tuple, list] = {}
+        for item, label in zip(items, labels):
+            spec, q = item[0], item[1]
+            rows = spec.shape[0] if len(item) < 3 or item[2] is None else int(item[2].numel())
+            by_factor.setdefault(self.feedback_key(spec, q), []).append((label, rows * spec.shape[1] * 8))
+        groups = []
+        for members in by_factor.values():
+            group, size = [], 0
+            for label, nbytes in members:
+                if group and size + nbytes > STACK_BYTES:
+                    groups.append(group)
+                    group, size = [], 0
+                group.append(label)
+                size += nbytes
+            groups.append(group)
+        return groups
 
     def _decoded(self, raw: bytes, spec: WeightSpec, qtype: str) -> torch.Tensor:
         """float32 values of a whole tensor's bytes: decoded on a CUDA device by torch_dequant (bit-identical to
@@ -145,19 +221,24 @@ class QuantizedWeights:
         """The tensor as the sensitivity table measures it (`draft_bytes`), float32."""
         return self._decoded(self.draft_bytes(spec, qtype), spec, qtype)
 
-    def feedback_of(self, spec: WeightSpec, qtype: str) -> gptq.Feedback | None:
-        """GPTQ's factor for this tensor's input at this type's block size; None where the quantizer is plain
-        ggml, for float types, and for tensors without a Gram (lookups, inputs wider than --gram_max_dim).
-        Factors are kept for one Gram at a time per block size (q/k/v and gate/up share theirs); their Cholesky
-        factor is computed only when GPTQ runs (`refine` needs the Gram alone)."""
+    def feedback_key(self, spec: WeightSpec, qtype: str) -> tuple[str, int] | None:
+        """(Gram key, block size) of this pair's GPTQ factor; None where the quantizer is plain ggml, for float
+        types, and for tensors without a Gram (lookups, inputs wider than --gram_max_dim)."""
         t = get_type(qtype)
         if self.quantizer == "ggml" or t.is_float or spec.is_embedding or spec.name not in self.stats.gram_key:
             return None
-        key = (self.stats.gram_key[spec.name], t.block_size)
+        return self.stats.gram_key[spec.name], t.block_size
+
+    def feedback_of(self, spec: WeightSpec, qtype: str) -> gptq.Feedback | None:
+        """GPTQ's factor for this tensor's input at this type's block size (None: see `feedback_key`).
+        Factors are kept for one Gram at a time per block size (q/k/v and gate/up share theirs); their Cholesky
+        factor is computed only when GPTQ runs (`refine` needs the Gram alone)."""
+        key = self.feedback_key(spec, qtype)
+        if key is None:
+            return None
         if key not in self._feedback:
-            self._feedback = {k: v for k, v in self._feedback.items() if k[1] != t.block_size}
-            self._feedback[key] = gptq.feedback_factor(self.stats.gram_of(spec.name)[0].to(self.device),
-                                                       t.block_size)
+            self._feedback = {k: v for k, v in self._feedback.items() if k[1] != key[1]}
+            self._feedback[key] = gptq.feedback_factor(self.stats.gram_of(spec.name)[0].to(self.device), key[1])
         return self._feedback[key]
 
     def encode(self, spec: WeightSpec, qtype: str, rows: torch.Tensor | None = None, feedback: bool = True,

@@ -133,6 +133,8 @@ class LayerSensitivityAnalyzer:
         self.n_computed = 0          # (tensor, type) pairs quantized and measured by this instance
         self._held_out: HeldOutCache | None = None
         self._energy: dict[str, float] = {}      # tr(W H W^T) per tensor
+        self._sampled: dict[tuple[str, str], bytes] = {}    # row samples' bytes quantized ahead (_quantize_ahead)
+        self._ahead_seconds: dict[tuple[str, str], float] = {}  # and each pair's share of that time
 
     def _run_key(self) -> str:
         """Everything the cached numbers depend on: the model (after any smoothing), the statistics (their
@@ -280,23 +282,39 @@ class LayerSensitivityAnalyzer:
         else:
             new_weight = None
             shape = (int(rows.numel()), spec.shape[1])
-            new_rows = torch.from_numpy(dequantize(self.weights.encode(spec, qtype, rows), qtype, shape))
+            raw = self._sampled.pop((spec.name, qtype), None) or self.weights.encode(spec, qtype, rows)
+            new_rows = torch.from_numpy(dequantize(raw, qtype, shape))
         entry = SensitivityEntry(
             tensor=spec.name, type=qtype, kind=spec.kind, block=spec.block,
             bits_per_weight=get_type(qtype).bits_per_weight, size_bytes=get_type(qtype).tensor_size_bytes(spec.shape),
             error_rows=spec.shape[0] if rows is None else int(rows.numel()), seconds=0.0,
             **self.output_error(spec, new_rows, rows))
-        entry.seconds = time.perf_counter() - t0
+        entry.seconds = time.perf_counter() - t0 + self._ahead_seconds.pop((spec.name, qtype), 0.0)
         return entry, new_weight
+
+    def _quantize_ahead(self, pairs: list[tuple[WeightSpec, str]]) -> None:
+        """Quantize what `measure_errors` will need for these pairs in stacked passes: whole drafts where a KLD
+        is measured or no row sample applies, row samples (kept in `_sampled`) elsewhere."""
+        whole = {(spec, q) for spec, q in pairs if self.wants_kld(spec, q) or self.error_rows(spec) is None}
+        sampled = [(spec, q, self.error_rows(spec)) for spec, q in pairs if (spec, q) not in whole]
+        whole = [pair for pair in pairs if pair in whole]
+        t0 = time.perf_counter()
+        self.weights.prepare_drafts(whole)
+        self._sampled = {(spec.name, q): raw
+                         for (spec, q, _), raw in zip(sampled, self.weights.encode_many(sampled))}
+        share = (time.perf_counter() - t0) / max(len(pairs), 1)      # each pair's entry carries a share
+        self._ahead_seconds = {(spec.name, q): share for spec, q in pairs}
 
     def _measure_group(self, pairs: list[tuple[WeightSpec, str]], on_entry) -> list[SensitivityEntry]:
         """Measure the pairs of one decoder block (or of one tensor outside the blocks), reusing cached
         entries: output errors for each, then the KLDs asked for, stacked when they share a block. A tensor
         whose output error is irregular in bits (see `irregular_tensors`) gets every type's KLD measured."""
         specs = {spec.name: spec for spec, _ in pairs}
+        cached_entries = {(spec.name, qtype): self.cache.get(spec.name, qtype) for spec, qtype in pairs}
+        self._quantize_ahead([(spec, qtype) for spec, qtype in pairs if cached_entries[(spec.name, qtype)] is None])
         entries, weights, fresh = {}, {}, set()
         for spec, qtype in pairs:
-            cached = self.cache.get(spec.name, qtype)
+            cached = cached_entries[(spec.name, qtype)]
             entry = None if cached is None else SensitivityEntry(**cached)
             if entry is None:
                 entry, new_weight = self.measure_errors(spec, qtype, whole=self.wants_kld(spec, qtype))
@@ -307,6 +325,7 @@ class LayerSensitivityAnalyzer:
         irregular = irregular_tensors(list(entries.values()))
         need = [key for key, e in entries.items()
                 if e.kld_mean is None and (self.wants_kld(specs[key[0]], key[1]) or key[0] in irregular)]
+        self.weights.prepare_drafts([(specs[name], qtype) for name, qtype in need if (name, qtype) not in weights])
         for key in need:
             if key not in weights:
                 weights[key] = self.weights.draft_weight(specs[key[0]], key[1])

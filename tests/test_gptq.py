@@ -136,3 +136,21 @@ def test_mismatched_factor_or_float_type_is_refused():
         gptq.quantize(weight(4, 256), "F16", gptq.feedback_factor(gram, 32))
     with pytest.raises(ValueError, match="does not split into blocks of 256"):
         gptq.feedback_factor(correlated_gram(96), 256)
+
+
+def test_weights_stacked_in_one_pass_get_their_own_bytes():
+    """quantize_many/refine_many stack the rows of weights that read the same input (several tensors, several
+    types of one block size) into one pass; each weight gets the bytes it gets alone."""
+    n = 512
+    gram = correlated_gram(n)
+    feedback = gptq.feedback_factor(gram, 256)
+    weights = [weight(24, n, seed=1), weight(40, n, seed=2), weight(24, n, seed=1)]
+    qtypes = ["Q4_K", "Q6_K", "Q2_K"]
+    drafts = gptq.quantize_many(weights, qtypes, feedback, sweeps=0)
+    assert drafts == [gptq.quantize(w, q, feedback, sweeps=0) for w, q in zip(weights, qtypes)]
+    refined = gptq.refine_many(weights, drafts, qtypes, feedback)
+    assert refined == [gptq.quantize(w, q, feedback) for w, q in zip(weights, qtypes)]
+    assert gptq.quantize_many(weights, qtypes, feedback) == refined
+    assert refined != drafts
+    with pytest.raises(ValueError, match="one type per weight"):
+        gptq.quantize_many(weights, qtypes[:2], feedback)

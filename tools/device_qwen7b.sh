@@ -17,8 +17,8 @@
 #
 # Variants (environment): MAX_MEMORY=16GiB runs the search under --max_memory 0=16GiB (a GPU of that size: the
 # blocks that do not fit are held in CPU RAM and streamed); SPEED_COSTS=FILE uses that speed cost table
-# instead of measuring one; SEARCH_ONLY=1 stops after the search and builds only ggml's CPU library (the
-# quantizer); PTQ_ARGS adds search arguments. The split run in README: MAX_MEMORY=20GiB SPEED_COSTS=.device/speed-costs.json SEARCH_ONLY=1.
+# instead of measuring one; QUICK=1 stops after the mixed and Q4_K_M benches; SEARCH_ONLY=1 stops after the
+# search and builds only ggml's CPU library (the quantizer); PTQ_ARGS adds search arguments. The split run in README: MAX_MEMORY=20GiB SPEED_COSTS=.device/speed-costs.json SEARCH_ONLY=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -32,6 +32,7 @@ SPEED_COSTS=${SPEED_COSTS:-}
 NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"   # llama.cpp 0.3.36 AMX kernels crash (see Makefile)
 SEARCH_ONLY=${SEARCH_ONLY:-}
 PTQ_ARGS=${PTQ_ARGS:-}   # more mixed_precision_ptq.py arguments, last (they override the ones above)
+QUICK=${QUICK:-}         # 1: stop after the mixed and Q4_K_M benches (no anchors, no three-model comparison)
 
 prepare() {   # on the dev machine: what travels with the working tree (.device/ and .whl/ are git-ignored)
   mkdir -p .device/data .whl
@@ -117,6 +118,7 @@ pipeline() {
     --preset Q4_K_M --imatrix "$W/mixed.imatrix.gguf" --output "$W/q4_k_m.gguf"
   [ -f "$W/bench-mixed.json" ] || bench mixed "$W/mixed.gguf"
   [ -f "$W/bench-q4_k_m.json" ] || bench q4_k_m "$W/q4_k_m.gguf"
+  if [ -n "$QUICK" ]; then echo "=== $(date -u +%T) pipeline done (quick: search, exports, benches)"; return; fi
   for preset in Q3_K_M Q6_K F16; do   # the anchors: written, benched, removed (disk)
     local lower=${preset,,}
     [ -f "$W/bench-$lower.json" ] && continue
