@@ -189,6 +189,16 @@ class AssignmentEvaluator:
         """A quantized weight: its bytes are shared, each (tensor, type) quantized once."""
         return self.weights.quantized_weight(self.specs[name], qtype, plain)
 
+    def quantize(self, tensor_types: dict[str, str], plain: bool = False) -> None:
+        """The bytes an assignment's measurement needs (shipped ones in stacked GPTQ passes; with `plain`,
+        ggml's alone), ahead of `kld_mean`; a caller may run this on another thread while the GPU measures."""
+        pairs = [(self.specs[name], qtype) for name, qtype in tensor_types.items()]
+        if plain and self.weights.quantizer != "ggml":
+            for spec, qtype in pairs:
+                self.weights.quantized_bytes(spec, qtype, plain=True)
+        else:
+            self.weights.prepare_quantized(pairs)
+
     def kld_mean(self, tensor_types: dict[str, str], plain: bool = False) -> float:
         """Measured mean KLD of an assignment (with `plain`, quantized by ggml alone, as llama-quantize would);
         the blocks' weights are decoded and replaced one block at a time."""
@@ -196,12 +206,7 @@ class AssignmentEvaluator:
         key = (tuple(sorted(tensor_types.items())), plain)
         if key not in self.results:
             t0 = time.perf_counter()
-            pairs = [(self.specs[name], qtype) for name, qtype in tensor_types.items()]
-            if plain:
-                for spec, qtype in pairs:
-                    self.weights.quantized_bytes(spec, qtype, plain=True)
-            else:              # the shipped bytes this assignment lacks, in stacked GPTQ passes
-                self.weights.prepare_quantized(pairs)
+            self.quantize(tensor_types, plain)
             t1 = time.perf_counter()
             in_block: dict[int, list[str]] = {}
             for name in tensor_types:
