@@ -47,8 +47,16 @@ def plan_from_types(info, tensor_types: dict, imatrix=None) -> ExportPlan:
 
 
 def plan_from_preset(info, preset: str, imatrix=None) -> ExportPlan:
+    """llama-quantize's recipe `preset`, with the imatrix if given; a recipe that stores a type llama.cpp will not
+    quantize without an imatrix (IQ1-IQ3_XXS, Q2_K_S's Q2_K) is refused without one, naming the tensor."""
     choices = gguf_plan.preset_choices(info, preset, imatrix_available=imatrix is not None)
     stored, fallbacks = gguf_plan.plan_types(info, choices)
+    quantized = {t.hf_name: stored[t.hf_name] for t in info.tensors if t.quantizable}
+    lacking = [name for name in gguf_plan.imatrix_required(info, quantized, preset) if name not in (imatrix or {})]
+    if lacking:
+        raise UserError(f"preset {preset.upper()} stores {lacking[0]} as {quantized[lacking[0]]}, which llama.cpp "
+                        f"quantizes only with an imatrix ({len(lacking)} tensors): pass --imatrix FILE (from "
+                        "llama-imatrix, or a search's .imatrix.gguf)")
     return ExportPlan(info, stored, int(gguf_plan.PRESETS[preset.upper()].file_type), fallbacks, imatrix)
 
 

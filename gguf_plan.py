@@ -80,7 +80,23 @@ PRESETS = {
     "Q3_K_M": Preset(gguf.LlamaFileType.MOSTLY_Q3_K_M, "Q3_K"),
     "Q3_K_S": Preset(gguf.LlamaFileType.MOSTLY_Q3_K_S, "Q3_K"),
     "Q2_K": Preset(gguf.LlamaFileType.MOSTLY_Q2_K, "Q2_K"),
+    "Q2_K_S": Preset(gguf.LlamaFileType.MOSTLY_Q2_K_S, "Q2_K"),
+    "IQ3_M": Preset(gguf.LlamaFileType.MOSTLY_IQ3_M, "IQ3_S"),
+    "IQ3_S": Preset(gguf.LlamaFileType.MOSTLY_IQ3_S, "IQ3_S"),
+    "IQ3_XS": Preset(gguf.LlamaFileType.MOSTLY_IQ3_XS, "IQ3_S"),
+    "IQ3_XXS": Preset(gguf.LlamaFileType.MOSTLY_IQ3_XXS, "IQ3_XXS"),
+    "IQ2_M": Preset(gguf.LlamaFileType.MOSTLY_IQ2_M, "IQ2_S"),
+    "IQ2_S": Preset(gguf.LlamaFileType.MOSTLY_IQ2_S, "IQ2_XS"),
+    "IQ2_XS": Preset(gguf.LlamaFileType.MOSTLY_IQ2_XS, "IQ2_XS"),
+    "IQ2_XXS": Preset(gguf.LlamaFileType.MOSTLY_IQ2_XXS, "IQ2_XXS"),
+    "IQ1_M": Preset(gguf.LlamaFileType.MOSTLY_IQ1_M, "IQ1_M"),
+    "IQ1_S": Preset(gguf.LlamaFileType.MOSTLY_IQ1_S, "IQ1_S"),
 }
+# The i-quant recipes that give most tensors 1-2 bit types (llama-quant.cpp treats them as one group), and the
+# types llama.cpp will not quantize a tensor to without an imatrix (tensor_requires_imatrix: the token embedding
+# and the output are exempt; Q2_K only inside a Q2_K_S file).
+_LOWEST_BIT_PRESETS = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
+IMATRIX_TYPES = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
 
 
 def _use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -104,10 +120,33 @@ def _preset_choice(info: ModelInfo, preset: str, t: GGUFTensor, imatrix_availabl
     if t.kind == K.OUTPUT or (info.tied and t.kind == K.TOKEN_EMBD):
         if t.shape[1] % get_type(new).block_size != 0:
             return "Q8_0"
+        if preset in _LOWEST_BIT_PRESETS or preset == "IQ3_XXS":
+            return "Q5_K"
         return new if new == "Q8_0" else "Q6_K"
+    if t.kind == K.TOKEN_EMBD:
+        if preset in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return "Q2_K"
+        if preset in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+            return "IQ3_S"
+        return new
+    if preset in _LOWEST_BIT_PRESETS:
+        high = "IQ3_S" if preset in ("IQ2_S", "IQ2_M") else "Q2_K"
+        if t.kind == K.ATTN_V:
+            return "Q4_K" if gqa >= 4 else high
+        if t.kind == K.FFN_DOWN:
+            return high if i < n // 8 else new
+        if t.kind == K.ATTN_OUT:
+            return {"IQ1_S": "IQ2_XXS", "IQ1_M": "IQ2_XXS", "IQ2_S": "IQ3_S", "IQ2_M": "IQ3_S"}.get(preset, new)
+        return new
     if t.kind == K.ATTN_V:
         if preset == "Q2_K":
             new = "Q4_K" if gqa >= 4 else "Q3_K"
+        elif preset == "Q2_K_S" and gqa >= 4:
+            new = "Q4_K"
+        elif preset == "IQ3_XXS":
+            new = "Q4_K" if gqa >= 4 else "IQ3_XXS" if imatrix_available else "IQ3_S"
+        elif preset in ("IQ3_XS", "IQ3_S") and gqa >= 4 or preset == "IQ3_M":
+            new = "Q4_K"
         elif preset == "Q3_K_M":
             new = "Q5_K" if i < 2 else "Q4_K"
         elif preset == "Q3_K_L" or preset in ("IQ4_NL", "IQ4_XS") and gqa >= 4:
@@ -119,11 +158,19 @@ def _preset_choice(info: ModelInfo, preset: str, t: GGUFTensor, imatrix_availabl
         if is_70b and new in ("Q3_K", "Q4_K"):
             new = "Q5_K"
         return new
+    if t.kind in (K.ATTN_K, K.ATTN_Q):
+        return {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(preset, new)
     if t.kind == K.FFN_DOWN:
         if preset == "Q2_K":
             return "Q3_K"
+        if preset == "Q2_K_S":
+            return "Q4_K" if i < n // 8 else new
+        if preset == "IQ3_XXS" and not imatrix_available:
+            return "Q4_K" if i < n // 8 else "Q3_K"
         if preset == "Q3_K_M":
             return "Q5_K" if i < n // 16 else "Q4_K"
+        if preset == "IQ3_M" and i < n // 8:
+            return "Q4_K"
         if preset == "Q3_K_L":
             return "Q5_K"
         if preset == "Q4_K_M":
@@ -138,8 +185,18 @@ def _preset_choice(info: ModelInfo, preset: str, t: GGUFTensor, imatrix_availabl
             return "Q4_1" if preset == "Q4_0" else "Q5_1"
         return new
     if t.kind == K.ATTN_OUT:
-        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(preset, new)
+        return {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(preset, new)
+    if t.kind in (K.FFN_GATE, K.FFN_UP) and preset == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+        return "IQ3_XXS"
     return new
+
+
+def imatrix_required(info: ModelInfo, tensor_types: dict[str, str], preset: str | None = None) -> list[str]:
+    """The tensors llama.cpp will not quantize to their type without an imatrix (its tensor_requires_imatrix:
+    i-quants of 1-2 bits and IQ3_XXS; Q2_K inside a Q2_K_S file; never the token embedding or the output)."""
+    exempt = {t.hf_name for t in info.tensors if t.kind in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT)}
+    needs = set(IMATRIX_TYPES) | ({"Q2_K"} if preset and preset.upper() == "Q2_K_S" else set())
+    return [name for name, qtype in tensor_types.items() if qtype in needs and name not in exempt]
 
 
 def preset_choices(info: ModelInfo, preset: str, imatrix_available: bool = False) -> dict[str, str]:

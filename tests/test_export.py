@@ -228,9 +228,12 @@ def assert_same_tensors(ours: Path, theirs: Path) -> None:
         assert np.array_equal(np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8)), name
 
 
+# the recipes that store, on tiny_qwen2, a type llama.cpp quantizes only with an imatrix
+NEEDS_IMATRIX = ("Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 # every recipe on rows that fit 256-blocks; on rows of 192 those whose fallbacks differ
-PRESET_CASES = ([("tiny_qwen2", p) for p in gguf_plan.PRESETS]
-                + [("tiny_llama", p) for p in ("Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "Q6_K", "IQ4_XS", "Q8_0", "F16")])
+PRESET_CASES = ([("tiny_qwen2", p) for p in gguf_plan.PRESETS if p not in NEEDS_IMATRIX]
+                + [("tiny_llama", p) for p in ("Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "Q6_K", "IQ4_XS", "Q8_0", "F16",
+                                               "IQ3_M")])
 
 
 @pytest.mark.parametrize("which,preset", PRESET_CASES)
@@ -247,17 +250,39 @@ def test_preset_matches_llama_quantize(which, preset, request, f32_exports, tmp_
         assert len(plan.fallbacks) > 0
 
 
-@pytest.mark.parametrize("preset", ["Q4_K_M", "IQ4_XS", "Q4_0"])
-def test_preset_with_imatrix_matches_llama_quantize(preset, tiny_qwen2, f32_exports, tmp_path):
-    info = architectures.load_model_info(tiny_qwen2)
+@pytest.mark.parametrize("which,preset", [("tiny_qwen2", p) for p in ("Q4_K_M", "IQ4_XS", "Q4_0", "IQ3_S", "IQ3_M")
+                                          + NEEDS_IMATRIX] + [("tiny_llama", p) for p in ("IQ2_XXS", "IQ3_XXS")])
+def test_preset_with_imatrix_matches_llama_quantize(which, preset, request, f32_exports, tmp_path):
+    """llama.cpp's recipes with an imatrix, the i-quant ones (1.5-3.5 bits) included: the same type and bytes for
+    every tensor (on tiny_llama's rows of 192 the i-quants fall back to IQ4_NL, its ffn_down rows of 512 keep
+    them)."""
+    model_dir = request.getfixturevalue(which)
+    info = architectures.load_model_info(model_dir)
     write_imatrix(tmp_path / "imatrix.gguf", info)
     importance = imatrix_file.load_imatrix(tmp_path / "imatrix.gguf", info)
-    ours, _ = export(tiny_qwen2, tmp_path / "ours.gguf", preset=preset, imatrix=importance)
-    llama_quantize(f32_exports["tiny_qwen2"], tmp_path / "theirs.gguf", preset,
+    ours, _ = export(model_dir, tmp_path / "ours.gguf", preset=preset, imatrix=importance)
+    llama_quantize(f32_exports[which], tmp_path / "theirs.gguf", preset,
                    {architectures.gguf_name(info, n): v for n, v in importance.items()})
     assert_same_tensors(ours, tmp_path / "theirs.gguf")
+    stored = {name: t.tensor_type.name for name, t in gguf_tensors(ours).items()}
     if preset == "Q4_0":  # with an imatrix llama.cpp gives the first eighth of ffn_down Q4_1
-        assert gguf_tensors(ours)["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
+        assert stored["blk.0.ffn_down.weight"] == "Q4_1"
+    if preset == "IQ2_M" and which == "tiny_qwen2":   # the i-quant recipe's own choices, not a uniform type
+        assert (stored["blk.1.attn_q.weight"], stored["blk.0.ffn_down.weight"], stored["blk.1.ffn_down.weight"],
+                stored["output.weight"], stored["token_embd.weight"]) == ("IQ2_S", "IQ3_S", "IQ2_S", "Q5_K", "IQ3_S")
+    if which == "tiny_llama":
+        assert stored["blk.0.attn_q.weight"] == "IQ4_NL" and stored["blk.0.ffn_down.weight"] == preset
+
+
+@pytest.mark.parametrize("preset", ["IQ2_XXS", "Q2_K_S"])
+def test_low_bit_preset_without_imatrix_is_refused_naming_a_tensor(preset, tiny_qwen2, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        exporter.main(["--model_id", str(tiny_qwen2), "--preset", preset,
+                       "--output", str(tmp_path / "out.gguf")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"preset {preset}" in err and "model.layers." in err and "--imatrix" in err
+    assert not (tmp_path / "out.gguf").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
