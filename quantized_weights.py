@@ -144,7 +144,8 @@ class QuantizedWeights:
 
     def prepare_quantized(self, pairs: Sequence[tuple[WeightSpec, str]]) -> None:
         """`quantized_bytes` of many pairs at once: drafts at hand are refined, the others quantized with the
-        sweep, in stacked passes per GPTQ factor (bit for bit the pairs' `quantized_bytes` one at a time)."""
+        sweep, in stacked passes per GPTQ factor. GPTQ's rows are independent, so a stacked pass computes what
+        one pair alone does (tests/test_gptq.py checks the bytes agree bit for bit on the CPU)."""
         todo = [(spec, q) for spec, q in dict.fromkeys(pairs) if (spec.name, q) not in self.quantized]
         if gptq.REFINE_SWEEPS == 0:
             self.prepare_drafts(todo)
