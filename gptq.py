@@ -138,8 +138,8 @@ def quantize_many(weights: Sequence[torch.Tensor], qtypes: Sequence[str], feedba
     """`quantize` of several weights that read the same input (q/k/v, gate/up, one tensor in several types of
     one block size, row samples), in one pass: GPTQ's rows are independent given H, so their rows are stacked,
     every block column of all of them goes to ggml in one dispatch (quant_utils.quantize_many) and one product
-    moves all their errors on. On a GPU this keeps the CPU's threads busy instead of waiting on one small
-    block column at a time."""
+    moves all their errors on. Fewer, larger dispatches: on 2 CPU cores a SmolLM2 block's 42 pairs quantize 15%
+    faster; on an H200 the sensitivity stage stayed bound by ggml's own work (372 s against 379 s)."""
     stack = _Stack.of(weights, qtypes, feedback)
     device, upper = feedback.upper.device, feedback.upper
     original = stack.original(weights, feedback, device)

@@ -136,7 +136,7 @@ class QuantizedWeights:
 
     def prepare_drafts(self, pairs: Sequence[tuple[WeightSpec, str]]) -> None:
         """`draft_bytes` of many pairs at once: those that share a GPTQ factor go through it in one stacked
-        pass (gptq.quantize_many), which on a GPU keeps the CPU's quantizer threads busy."""
+        pass (gptq.quantize_many)."""
         todo = [(spec, q) for spec, q in dict.fromkeys(pairs)
                 if (spec.name, q) not in self.drafts and (spec.name, q) not in self.quantized]
         for (spec, q), raw in zip(todo, self.encode_many([(spec, q, None) for spec, q in todo])):
