@@ -101,6 +101,10 @@ class QuantizedWeights:
         self.quantized: dict[tuple[str, str], bytes] = {}   # (tensor, type) -> refined GPTQ bytes (shipped)
         self.plain_quantized: dict[tuple[str, str], bytes] = {}   # the same by ggml alone
         self._feedback: dict[tuple[str, int], gptq.Feedback] = {}   # (Gram key, block size), current block's
+        # The weights as given (references, not copies): a measurement swaps parameters' values for quantized
+        # ones for a while (model_blocks.replaced_weights), and quantizing on a side thread meanwhile (the plain
+        # preset, mixed_precision_ptq.search_assignment) must still read the originals.
+        self._originals = {name: param.detach() for name, param in model.named_parameters()}
 
     def draft_bytes(self, spec: WeightSpec, qtype: str) -> bytes:
         """The whole tensor's bytes in `qtype` as the sensitivity table measures them: `encode` without GPTQ's
@@ -130,7 +134,7 @@ class QuantizedWeights:
             if draft is None:
                 self.quantized[key] = self.encode(spec, qtype, sweeps=gptq.REFINE_SWEEPS)
             else:
-                weight = self.model.get_parameter(spec.name).detach()
+                weight = self.original(spec.name)
                 self.quantized[key] = gptq.refine(weight, draft, qtype, feedback, sweeps=gptq.REFINE_SWEEPS)
         return self.quantized[key]
 
@@ -154,7 +158,7 @@ class QuantizedWeights:
         self.prepare_drafts([(spec, q) for spec, q in todo if self.feedback_key(spec, q) is None])
         drafted = [(spec, q) for spec, q in with_factor if (spec.name, q) in self.drafts]
         for group in self._stacks(drafted):
-            weights = [self.model.get_parameter(spec.name).detach() for spec, _ in group]
+            weights = [self.original(spec.name) for spec, _ in group]
             raws = [self.drafts.pop((spec.name, q)) for spec, q in group]
             refined = gptq.refine_many(weights, raws, [q for _, q in group], self.feedback_of(*group[0]),
                                        sweeps=gptq.REFINE_SWEEPS)
@@ -179,7 +183,7 @@ class QuantizedWeights:
             weights = []
             for i in group:
                 spec, _, rows = items[i]
-                weight = self.model.get_parameter(spec.name).detach()
+                weight = self.original(spec.name)
                 weights.append(weight if rows is None else weight[rows.to(weight.device)])
             raws = gptq.quantize_many(weights, [items[i][1] for i in group], self.feedback_of(*items[group[0]][:2]),
                                       sweeps=sweeps)
@@ -222,6 +226,11 @@ class QuantizedWeights:
         """The tensor as the sensitivity table measures it (`draft_bytes`), float32."""
         return self._decoded(self.draft_bytes(spec, qtype), spec, qtype)
 
+    def original(self, name: str) -> torch.Tensor:
+        """The float weight `name` as this object was given it, whatever a measurement swaps in meanwhile."""
+        weight = self._originals.get(name)
+        return weight if weight is not None else self.model.get_parameter(name).detach()
+
     def feedback_key(self, spec: WeightSpec, qtype: str) -> tuple[str, int] | None:
         """(Gram key, block size) of this pair's GPTQ factor; None where the quantizer is plain ggml, for float
         types, and for tensors without a Gram (lookups, inputs wider than --gram_max_dim)."""
@@ -247,7 +256,7 @@ class QuantizedWeights:
         """The GGUF bytes of this tensor (or of its `rows`) in `qtype`: ggml's quantizer with the imatrix, and
         GPTQ's error feedback with `sweeps` refinement sweeps (0: the table's draft) where `feedback_of` gives
         a factor, unless `feedback` is off (rows are independent either way)."""
-        weight = self.model.get_parameter(spec.name).detach()
+        weight = self.original(spec.name)
         if rows is not None:
             weight = weight[rows.to(weight.device)]
         feedback = self.feedback_of(spec, qtype) if feedback else None

@@ -417,3 +417,19 @@ def test_row_sample_errors_are_the_whole_tensors_rows(tied_setup, monkeypatch):
     sample_bytes = analyzer.weights.encode(spec, "Q4_0", rows, sweeps=0)   # the table's draft: rows independent
     assert torch.equal(torch.from_numpy(dequantize(sample_bytes, "Q4_0", (rows.numel(), spec.shape[1]))), whole[rows])
     assert sampled.rel_out_err == whole_entry.rel_out_err
+
+
+def test_bytes_come_from_the_original_weights_while_a_measurement_swaps_them(tied_setup):
+    """The plain preset is quantized on a side thread while the GA's measurements swap quantized values into the
+    model (replaced_weights): every path that quantizes must read the weights as they were given."""
+    model, stats, holdout = tied_setup
+    analyzer = sensitivity.LayerSensitivityAnalyzer(model, stats, holdout, device="cpu", progress=False)
+    spec = next(s for s in analyzer.tensors if s.block == 1 and s.kind == "q_proj")
+    qtype = spec.types[0]
+    reference = quantized_weights.QuantizedWeights(model, stats, torch.device("cpu"))
+    expected = (reference.quantized_bytes(spec, qtype, plain=True), reference.quantized_bytes(spec, qtype))
+    swapped = analyzer.weights.quantized_weight(spec, spec.types[-1]) * 0.5
+    with model_blocks.replaced_weights(model, {spec.name: swapped}):
+        assert not torch.equal(model.get_parameter(spec.name), reference.original(spec.name))
+        got = (analyzer.weights.quantized_bytes(spec, qtype, plain=True), analyzer.weights.quantized_bytes(spec, qtype))
+    assert got == expected
