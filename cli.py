@@ -79,6 +79,19 @@ def at_least(minimum: int):
     return parse
 
 
+def accepted_by(check, errors: tuple[type[Exception], ...] = (UserError,)):
+    """The text as given, once `check(text)` accepts it; the error it raises becomes argparse's message (so a
+    bad value is refused when the flags are parsed, in the words of the code that would have failed later)."""
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except errors as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    parse.__name__ = getattr(check, "__name__", "value")
+    return parse
+
+
 def positive_number(text: str) -> float:
     """A finite number above 0."""
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import UserError, at_least
+from cli import UserError, accepted_by, at_least
 
 HUB_HINT = ("pass local text with --calib_file (e.g. ../shared/data/wikitext-2/wiki.valid.tokens) "
             "and --eval_file (wiki.test.tokens)")
@@ -329,23 +329,10 @@ def add_calib_args(parser) -> None:
     parser.add_argument("--device", type=device_argument, default="auto", help="cuda | mps | cpu | auto")
 
 
-def calib_spec(text: str) -> str:
-    """--calib, once parse_calib_sources accepts it."""
-    import argparse
-    try:
-        parse_calib_sources(text)
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _resolve_device(text: str):
+    from model_blocks import resolve_device     # torch's device checks, imported when a flag needs them
+    return resolve_device(text)
 
 
-def device_argument(text: str) -> str:
-    """--device, once it names a device this machine has (model_blocks.resolve_device)."""
-    import argparse
-
-    from model_blocks import resolve_device
-    try:
-        resolve_device(text)
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+calib_spec = accepted_by(parse_calib_sources)          # --calib, once parse_calib_sources accepts it
+device_argument = accepted_by(_resolve_device)         # --device, once it names a device this machine has

@@ -118,15 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def size_argument(text: str) -> str:
-    """--target_size as given, once it reads as a size."""
-    try:
-        parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def max_memory_argument(text: str) -> dict[str, int]:
     """--max_memory parsed (placement.parse_max_memory)."""
     try:
@@ -176,6 +167,9 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).upper() not in SIZE_UNITS:
         raise ValueError(f"cannot read size {text!r}: use bytes or a number with B, KB, MB, GB, KiB, MiB, GiB")
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+size_argument = cli.accepted_by(parse_size, (ValueError,))     # --target_size as given, once it reads as a size
 
 
 def budget_bytes(args, info: architectures.ModelInfo) -> tuple[int, str]:
