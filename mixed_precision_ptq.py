@@ -63,6 +63,10 @@ from model_blocks import load_model_and_tokenizer, resolve_device
 
 # llama.cpp presets offered to the GA as seeds and used as the uniform baseline at the budget.
 SEED_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+# Below this preset's file size the K menu takes the i-quants too (quantized_weights.LOW_BIT_K_MENU): they are
+# slow to quantize (IQ2_S about 0.5 M weights/s a thread, 16x slower than Q4_K) and above it the search never
+# chose them.
+LOW_BIT_BELOW = "Q3_K_M"
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -200,6 +204,7 @@ class SearchInputs:
     budget_bytes: int
     budget_source: str
     allowed_types: list[str] | None      # --types, or None for the default menus
+    menu_args: dict                      # the menus' arguments (`menu_args`)
     menus: dict[str, tuple[str, ...]]    # tensor -> candidate types
     calib_source: str
     calib_ids: torch.Tensor              # statistics windows
@@ -212,14 +217,14 @@ class SearchInputs:
         """The uniform preset of the budget: the largest that fits (None below the smallest)."""
         return max(self.presets, key=lambda n: self.presets[n]["size_bytes"]) if self.presets else None
 
-    @property
-    def menu_args(self) -> dict:
-        return menu_args(self.allowed_types)
 
-
-def menu_args(allowed_types: list[str] | None) -> dict:
-    """The candidate menus' arguments for --types (None: the default K and 32-block menus)."""
-    return {"k_menu": allowed_types, "block32_menu": allowed_types} if allowed_types else {}
+def menu_args(allowed_types: list[str] | None, info: architectures.ModelInfo, budget: int) -> dict:
+    """The candidate menus' arguments: --types for every row; else the default K and 32-block menus, the K menu
+    widened by the i-quants (`quantized_weights.LOW_BIT_K_MENU`) for a budget below LOW_BIT_BELOW's size."""
+    if allowed_types:
+        return {"k_menu": allowed_types, "block32_menu": allowed_types}
+    low_bit_line = gguf_plan.gguf_file_size(info, gguf_plan.preset_types(info, LOW_BIT_BELOW, imatrix_available=True))
+    return {"k_menu": quantized_weights.LOW_BIT_K_MENU} if budget < low_bit_line else {}
 
 
 def load_inputs(args) -> SearchInputs:
@@ -229,9 +234,8 @@ def load_inputs(args) -> SearchInputs:
     model_dir, model_name = files.resolve_model_dir(args.model_id)
     info = architectures.load_model_info(model_dir, model_name)
     budget, budget_source = budget_bytes(args, info)
-    allowed = args.types
-    menus = {name: quantized_weights.candidate_types(shape[1], **menu_args(allowed))
-             for name, shape in architectures.quantizable_tensors(info).items()}
+    menu = menu_args(args.types, info, budget)
+    menus = quantized_weights.tensor_menus(info, **menu)
     check_budget(info, budget, menus)
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     check_finite(model, menus, model_dir)
@@ -244,7 +248,7 @@ def load_inputs(args) -> SearchInputs:
         self_documents=lambda role, n_tokens: self_calibration.self_documents(
             info, tokenizer, role, n_tokens, args.seed, Path(args.cache_dir)))
     return SearchInputs(
-        model_dir, info, model, budget, budget_source, allowed, menus, data_utils.describe_sources(sources),
+        model_dir, info, model, budget, budget_source, args.types, menu, menus, data_utils.describe_sources(sources),
         calib_ids=windows["calib"], holdout_ids=windows["kld"][:, :args.kld_seq_len],
         measure_ids=windows["measure"], presets=preset_seeds(info, budget))
 
@@ -256,7 +260,8 @@ def check_budget(info: architectures.ModelInfo, budget: int, menus: dict[str, tu
     if empty:
         rows = architectures.quantizable_tensors(info)[empty[0]][1]
         raise UserError(f"no type of --types fits {empty[0]} (rows of {rows}; K and IQ types need rows of a "
-                        "multiple of 256, the others of 32): add a 32-block type such as Q8_0")
+                        "multiple of 256, the others of 32; the token embedding takes none that needs an imatrix): "
+                        "add a 32-block type such as Q8_0")
     low, high = gguf_plan.size_range(info, menus)
     if not low <= budget <= high:
         where = "below the smallest" if budget < low else "above the largest"

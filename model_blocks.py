@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -95,8 +96,11 @@ def embedding_weight_name(model: nn.Module) -> str:
 
 
 def model_content_hash(model: nn.Module) -> str:
-    """A content hash of all parameters and the config (cache keys: same weights, same hash)."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    """A content hash of all parameters and the config (cache keys: same weights, same hash), wherever the
+    checkpoint was loaded from (the config's `_name_or_path` is left out)."""
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("_name_or_path", None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     seen = set()
     for name, param in model.named_parameters():
         if id(param) in seen:

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import architectures
 import gptq
 import torch_dequant
 from calib_stats import CalibStats
 from model_blocks import block_linears, block_prefix, decoder_blocks, embedding_weight_name, is_tied, output_weight_name
+from gguf_plan import IMATRIX_TYPES
 from quant_utils import dequantize, get_type, quantize
 
 # Candidate menus. K-quants pack 256 weights per block; rows not divisible by 256 (hidden 576 or 896, say)
@@ -28,6 +30,11 @@ from quant_utils import dequantize, get_type, quantize
 # non-linear type llama.cpp uses for IQ4_XS rows that K-blocks do not fit.
 K_MENU = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 BLOCK32_MENU = ("Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+# The K menu of low budgets (below Q3_K_M's size, mixed_precision_ptq.LOW_BIT_BELOW): the i-quants from 1.56 to
+# 4.25 bits per weight beside the K-quants, and the 32-block types, which rows of 256 take as well.
+LOW_BIT_K_MENU = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS",
+                  "Q4_0", "IQ4_NL", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+EMBEDDING = "token_embd.weight"     # its GGUF name
 QUANTIZERS = ("gptq", "ggml")
 # GPTQ passes stack the rows of the weights that share a factor (gptq.quantize_many) up to this many bytes of
 # float64 rows; a pass holds about four such arrays (the weights, their updates or quantized values, the
@@ -36,11 +43,20 @@ STACK_BYTES = 1 << 30     # gptq: ggml's quantizer with GPTQ error feedback (gpt
 
 
 def candidate_types(n_per_row: int, k_menu: Sequence[str] = K_MENU,
-                    block32_menu: Sequence[str] = BLOCK32_MENU) -> tuple[str, ...]:
-    """The K-quant menu when 256-weight blocks fit the row, else the 32-weight-block menu (those that fit)."""
-    if all(get_type(t).fits(n_per_row) for t in k_menu):
-        return tuple(k_menu)
-    return tuple(t for t in block32_menu if get_type(t).fits(n_per_row))
+                    block32_menu: Sequence[str] = BLOCK32_MENU, is_embedding: bool = False) -> tuple[str, ...]:
+    """The K-quant menu when 256-weight blocks fit the row, else the 32-weight-block menu (those that fit). The
+    token embedding takes no type llama.cpp quantizes only with an imatrix (IQ1-IQ2, IQ3_XXS): llama-imatrix
+    records none for it, so llama-quantize could not follow the recipe."""
+    menu = k_menu if all(get_type(t).fits(n_per_row) for t in k_menu) else block32_menu
+    return tuple(t for t in menu if get_type(t).fits(n_per_row) and not (is_embedding and t in IMATRIX_TYPES))
+
+
+def tensor_menus(info, k_menu: Sequence[str] = K_MENU,
+                 block32_menu: Sequence[str] = BLOCK32_MENU) -> dict[str, tuple[str, ...]]:
+    """Every quantizable tensor's candidate types from the checkpoint's shapes alone, as `quantizable_weights`
+    will give them."""
+    return {name: candidate_types(shape[1], k_menu, block32_menu, architectures.gguf_name(info, name) == EMBEDDING)
+            for name, shape in architectures.quantizable_tensors(info).items()}
 
 
 @dataclass(frozen=True)
@@ -63,7 +79,7 @@ def quantizable_weights(model: nn.Module, k_menu: Sequence[str] = K_MENU,
     tied = is_tied(model)
     weight = model.get_input_embeddings().weight
     specs.append(WeightSpec(embed_name, "embed_tokens", None, tuple(weight.shape),
-                            candidate_types(weight.shape[1], k_menu, block32_menu), True, tied))
+                            candidate_types(weight.shape[1], k_menu, block32_menu, is_embedding=True), True, tied))
     for index, block in enumerate(decoder_blocks(model)):
         prefix = block_prefix(model, index)
         for rel_name, linear in block_linears(block):

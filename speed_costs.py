@@ -35,6 +35,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 import gguf
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -205,6 +206,13 @@ def uniform_block_types(info: ModelInfo, qtype: str) -> tuple[dict[str, str], in
     return types, n_weights
 
 
+def uniform_imatrix(info: ModelInfo, tensor_types: dict[str, str]) -> dict[str, np.ndarray]:
+    """Unit importances for the tensors whose type ggml quantizes only with an imatrix (IQ1-IQ2, IQ3_XXS): a
+    benchmark file's speed does not depend on which lattice points its weights took."""
+    return {t.hf_name: np.ones(t.shape[1], dtype=np.float32) for t in info.tensors
+            if t.hf_name in tensor_types and quant_utils.get_type(tensor_types[t.hf_name]).requires_imatrix}
+
+
 def backend_description(n_threads: int) -> str:
     """What the speed depends on besides the model: the llama.cpp build and the device it runs on."""
     import llama_cpp
@@ -257,8 +265,9 @@ def measure_costs(model_dir: Path, types: list[str], work_dir: Path, pp_tokens: 
         for n_layers, qtype in tqdm(jobs, desc="speed cost GGUFs", unit="gguf", disable=not progress):
             tensor_types, n_weights = uniform_block_types(infos[n_layers], qtype)
             path = tmp / f"{qtype}-{n_layers}.gguf"
-            gguf_export.write_gguf(gguf_export.plan_from_types(infos[n_layers], tensor_types), path,
-                                   progress=False)
+            gguf_export.write_gguf(gguf_export.plan_from_types(infos[n_layers], tensor_types,
+                                                               uniform_imatrix(infos[n_layers], tensor_types)),
+                                   path, progress=False)
             paths.append(str(path))
             rows.append({"type": qtype, "layers": n_layers, "weights_in_type": n_weights})
         runs = workers.interleaved_speeds(paths, pp_tokens, tg_tokens, rounds, n_threads, progress)
@@ -291,15 +300,30 @@ def cached_costs(model_dir: Path, types: list[str], cache_dir: Path, n_threads: 
     config = json.loads((Path(model_dir) / "config.json").read_text())
     widths = {k: v for k, v in config.items() if k != "num_hidden_layers" and isinstance(v, (int, float, str))}
     layers = bench_layers(load_model_info(Path(model_dir)))
-    key = files.record_key({"format": COSTS_FORMAT_VERSION, "widths": widths, "types": sorted(types),
-                            "backend": backend_description(n_threads), "layers": layers, "rounds": rounds})
-    path = Path(cache_dir) / f"speed-costs-{key}.json"
+    fields = {"format": COSTS_FORMAT_VERSION, "widths": widths, "types": sorted(types),
+              "backend": backend_description(n_threads), "layers": layers, "rounds": rounds}
+    path = Path(cache_dir) / f"speed-costs-{files.record_key(fields)}.json"
     if path.is_file():
         try:
             return SpeedCosts.from_dict(json.loads(path.read_text()), str(path))
         except (ValueError, KeyError, TypeError, UserError):
             print(f"warning: discarding unreadable cache entry {path}; measuring it again", file=sys.stderr)
+    for other in sorted(Path(cache_dir).glob("speed-costs-*.json")):
+        try:
+            d = json.loads(other.read_text())
+            if serves(d.get("key"), fields):
+                return SpeedCosts.from_dict(d, str(other))
+        except (ValueError, KeyError, TypeError, UserError, AttributeError):
+            continue            # not a table this run can use (the one it measures replaces nothing)
     costs = measure_costs(Path(model_dir), types, Path(cache_dir), rounds=rounds, n_threads=n_threads,
                           device=device, progress=progress)
-    files.write_json(path, costs.to_dict())
+    files.write_json(path, {**costs.to_dict(), "key": fields})
     return costs
+
+
+def serves(cached: dict | None, wanted: dict) -> bool:
+    """A cached table measured as `wanted` asks, for these types and maybe more (each type's cost is measured on
+    its own file, so a wider table holds the same costs)."""
+    if not isinstance(cached, dict) or not set(wanted["types"]) <= set(cached.get("types", ())):
+        return False
+    return all(cached.get(k) == v for k, v in wanted.items() if k != "types")

@@ -247,6 +247,32 @@ def test_any_menu_works_even_without_the_usual_measured_types(tiny_qwen2, tmp_pa
     assert len(set(cfg["tensor_types"].values())) >= 2 and cfg["kld_measured"] > 0
 
 
+def test_a_budget_below_q3_k_m_searches_the_i_quants_and_ships_them(tiny_qwen2, tmp_path):
+    """Below Q3_K_M's size the K menu takes the i-quants. IQ2_XXS's size is below every tensor in Q2_K (the
+    K-quants' floor), so only they can meet it: the search picks them, and its GGUF stores them, has the promised
+    size and runs in llama.cpp. At Q3_K_M's size the menus stay the K-quants'."""
+    from test_export import llama_cpp_model
+    info = architectures.load_model_info(tiny_qwen2)
+    quantizable = architectures.quantizable_tensors(info)
+    k_floor = gguf_plan.gguf_file_size(info, dict.fromkeys(quantizable, "Q2_K"))
+    budget = gguf_plan.gguf_file_size(info, gguf_plan.preset_types(info, "IQ2_XXS", imatrix_available=True))
+    assert budget < k_floor
+    q3km = gguf_plan.gguf_file_size(info, gguf_plan.preset_types(info, "Q3_K_M", imatrix_available=True))
+    assert ptq.menu_args(None, info, q3km) == {}
+    cfg = run_search(tiny_qwen2, tmp_path / "iq.pt", tmp_path / "cache", "--target_preset", "IQ2_XXS")
+    chosen = set(cfg["tensor_types"].values())
+    assert chosen & {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S"}, chosen
+    assert cfg["achieved"]["size_bytes"] <= budget
+    exporter.main(["--model_id", str(tiny_qwen2), "--config", str(tmp_path / "iq.pt"),
+                   "--output", str(tmp_path / "iq.gguf")])
+    assert (tmp_path / "iq.gguf").stat().st_size == cfg["achieved"]["size_bytes"]
+    stored = {t.name: t.tensor_type.name for t in gguf_tensors(tmp_path / "iq.gguf").values()}
+    assert {stored[architectures.gguf_name(info, n)] for n in cfg["tensor_types"]} == chosen
+    model = llama_cpp_model(tmp_path / "iq.gguf", logits_all=True)
+    model.eval([1, 2, 3, 4])
+    assert np.isfinite(np.asarray(model.scores[:4])).all()
+
+
 def test_calib_self_calibrates_on_the_models_own_answers_and_caches_them(searched, tmp_path):
     """--calib self: the tiny model answers calib_prompts.txt in llama.cpp; calibration and held-out windows
     come from draws over disjoint prompts; a second run reads the cached text instead of generating again."""

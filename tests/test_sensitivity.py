@@ -82,6 +82,25 @@ def test_candidate_menus_fall_back_to_32_weight_blocks():
     types = ("Q4_K", "Q5_K", "Q5_0", "Q5_1", "Q8_0")
     assert quantized_weights.candidate_types(1536, types, types) == types
     assert quantized_weights.candidate_types(576, types, types) == ("Q5_0", "Q5_1", "Q8_0")
+    # the token embedding gets no imatrix from llama-imatrix, so no type that ggml quantizes only with one
+    low = quantized_weights.LOW_BIT_K_MENU
+    assert {"IQ1_S", "IQ2_XXS", "IQ3_XXS", "IQ3_S"} <= set(quantized_weights.candidate_types(1536, low))
+    embedding = quantized_weights.candidate_types(1536, low, is_embedding=True)
+    assert "IQ3_S" in embedding and not {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"} & set(embedding)
+
+
+def test_cache_keys_follow_the_weights_not_the_checkpoint_path(tmp_path):
+    """The statistics and sensitivity caches are keyed by the model's content: the same checkpoint saved in two
+    places hashes the same (the config's _name_or_path once made a relative and an absolute path two models)."""
+    from transformers import AutoModelForCausalLM
+    model = tiny_llama(tied=True)
+    for where in ("a", "b/c"):
+        model.save_pretrained(tmp_path / where)
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / where) for where in ("a", "b/c"))
+    assert a.config._name_or_path != b.config._name_or_path
+    assert model_blocks.model_content_hash(a) == model_blocks.model_content_hash(b)
+    b.model.norm.weight.data[0] += 1
+    assert model_blocks.model_content_hash(a) != model_blocks.model_content_hash(b)
 
 
 def test_gram_output_error_equals_measured_output_mse(tied_setup, windows):

@@ -88,6 +88,14 @@ def test_microbenchmark_runs_on_llama_cpp_interleaved_and_is_cached(tiny_qwen2, 
     assert len(cached) == 1 and not list(tmp_path.glob("speed-bench-*"))     # temp GGUFs removed
     again = speed_costs.cached_costs(tiny_qwen2, types, tmp_path, n_threads=2, rounds=3, progress=False)
     assert again == costs                                    # read back, not measured again (timings differ)
+    # a narrower menu reads the wider table (each type's cost comes from its own file); another thread count
+    # or a type the table lacks is measured
+    assert speed_costs.cached_costs(tiny_qwen2, ["Q4_K"], tmp_path, n_threads=2, rounds=3) == costs
+    cached_key = json.loads(cached[0].read_text())["key"]
+    wanted = dict(cached_key, types=["Q4_K"])
+    assert speed_costs.serves(cached_key, wanted)
+    assert not speed_costs.serves(cached_key, dict(wanted, types=["Q4_K", "Q5_K"]))
+    assert not speed_costs.serves(cached_key, dict(wanted, backend=cached_key["backend"].replace("2 threads", "1")))
 
 
 def test_pareto_front_keeps_a_dominated_type_only_when_it_is_faster():

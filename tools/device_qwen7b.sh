@@ -17,7 +17,7 @@
 #
 # Variants (environment): MAX_MEMORY=16GiB runs the search under --max_memory 0=16GiB (a GPU of that size: the
 # blocks that do not fit are held in CPU RAM and streamed); SPEED_COSTS=FILE uses that speed cost table
-# instead of measuring one; QUICK=1 stops after the mixed and Q4_K_M benches; SEARCH_ONLY=1 stops after the
+# instead of measuring one; LAYERS=N makes the checkpoint N layers deep; QUICK=1 stops after the mixed and Q4_K_M benches; SEARCH_ONLY=1 stops after the
 # search and builds only ggml's CPU library (the quantizer); PTQ_ARGS adds search arguments. The split run in README: MAX_MEMORY=20GiB SPEED_COSTS=.device/speed-costs.json SEARCH_ONLY=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,7 @@ NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"   # llama.cpp 0.3.36 AMX kern
 SEARCH_ONLY=${SEARCH_ONLY:-}
 PTQ_ARGS=${PTQ_ARGS:-}   # more mixed_precision_ptq.py arguments, last (they override the ones above)
 QUICK=${QUICK:-}         # 1: stop after the mixed and Q4_K_M benches (no anchors, no three-model comparison)
+LAYERS=${LAYERS:-}       # decoder layers of the checkpoint (default: the real model's 28)
 
 prepare() {   # on the dev machine: what travels with the working tree (.device/ and .whl/ are git-ignored)
   mkdir -p .device/data .whl
@@ -106,7 +107,8 @@ pipeline() {
   [ -n "$SEARCH_ONLY" ] || python3 -c "import llama_cpp, quant_utils; print('llama.cpp GPU offload:', \
     llama_cpp.llama_supports_gpu_offload(), '| ggml-base:', quant_utils._find_libggml_base())"
   local model=$W/qwen2.5-7b-shaped
-  [ -f "$model/shape.json" ] || stage checkpoint python3 tools/make_shaped_model.py --output "$model" --device cuda
+  [ -f "$model/shape.json" ] || stage checkpoint python3 tools/make_shaped_model.py --output "$model" --device cuda \
+    ${LAYERS:+--layers $LAYERS}
   [ -f "$W/mixed.pt" ] || stage ptq python3 mixed_precision_ptq.py --model_id "$model" --device cuda \
     --calib_file .device/data/wiki.valid.tokens --target_preset Q4_K_M --max_slowdown 1.0 \
     --output "$W/mixed.pt" --cache_dir "$W/cache" ${MAX_MEMORY:+--max_memory 0=$MAX_MEMORY} \
