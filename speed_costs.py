@@ -55,6 +55,7 @@ MIN_BENCH_LAYERS = 4
 # The benchmark blocks must outgrow the caches, or a small model's blocks run from cache at speeds the whole
 # model never sees (SmolLM2-135M on 2 CPU cores: 4 blocks, 15 MB, predicted 157 tok/s decode; the model runs 89).
 MIN_BENCH_BLOCK_BYTES = 512 * 2**20
+BENCH_SAMPLE_ROWS = 64           # rows of each benchmark matrix quantized (then repeated: see bench_plan)
 SKIP_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
@@ -206,11 +207,22 @@ def uniform_block_types(info: ModelInfo, qtype: str) -> tuple[dict[str, str], in
     return types, n_weights
 
 
-def uniform_imatrix(info: ModelInfo, tensor_types: dict[str, str]) -> dict[str, np.ndarray]:
-    """Unit importances for the tensors whose type ggml quantizes only with an imatrix (IQ1-IQ2, IQ3_XXS): a
-    benchmark file's speed does not depend on which lattice points its weights took."""
-    return {t.hf_name: np.ones(t.shape[1], dtype=np.float32) for t in info.tensors
-            if t.hf_name in tensor_types and quant_utils.get_type(tensor_types[t.hf_name]).requires_imatrix}
+def bench_plan(info: ModelInfo, tensor_types: dict[str, str],
+               sample_rows: int = BENCH_SAMPLE_ROWS) -> gguf_export.ExportPlan:
+    """The export plan of one benchmark file. A file's speed does not depend on its values, so each quantized
+    matrix is `sample_rows` of its rows quantized by ggml (unit importances for the types that need an imatrix)
+    and repeated to its height: the i-quants' quantizers (IQ2_S about 0.5 M weights/s a thread) take seconds,
+    not minutes."""
+    plan = gguf_export.plan_from_types(info, tensor_types)
+    for spec in info.tensors:
+        qtype = plan.stored_types[spec.hf_name]
+        if not spec.quantizable or quant_utils.get_type(qtype).is_float:
+            continue
+        values = gguf_export.tensor_values(info, spec)[:sample_rows]
+        unit = np.ones(values.shape[1], dtype=np.float32)
+        rows = gguf_export.encode_tensor(values, qtype, unit).reshape(values.shape[0], -1)
+        plan.shipped[spec.hf_name] = np.resize(rows, (spec.shape[0], rows.shape[1]))
+    return plan
 
 
 def backend_description(n_threads: int) -> str:
@@ -265,9 +277,7 @@ def measure_costs(model_dir: Path, types: list[str], work_dir: Path, pp_tokens: 
         for n_layers, qtype in tqdm(jobs, desc="speed cost GGUFs", unit="gguf", disable=not progress):
             tensor_types, n_weights = uniform_block_types(infos[n_layers], qtype)
             path = tmp / f"{qtype}-{n_layers}.gguf"
-            gguf_export.write_gguf(gguf_export.plan_from_types(infos[n_layers], tensor_types,
-                                                               uniform_imatrix(infos[n_layers], tensor_types)),
-                                   path, progress=False)
+            gguf_export.write_gguf(bench_plan(infos[n_layers], tensor_types), path, progress=False)
             paths.append(str(path))
             rows.append({"type": qtype, "layers": n_layers, "weights_in_type": n_weights})
         runs = workers.interleaved_speeds(paths, pp_tokens, tg_tokens, rounds, n_threads, progress)

@@ -98,6 +98,26 @@ def test_microbenchmark_runs_on_llama_cpp_interleaved_and_is_cached(tiny_qwen2, 
     assert not speed_costs.serves(cached_key, dict(wanted, backend=cached_key["backend"].replace("2 threads", "1")))
 
 
+def test_benchmark_files_repeat_a_sample_of_rows_quantized_by_ggml(tiny_qwen2, tmp_path):
+    """A benchmark matrix is its first rows quantized by ggml (with unit importances: IQ2_XXS needs some),
+    repeated to the matrix's height; the file has the promised size and runs in llama.cpp."""
+    import gguf_export
+    import quant_utils
+    from test_export import llama_cpp_model
+    info = architectures.load_model_info(tiny_qwen2)
+    types, _ = speed_costs.uniform_block_types(info, "IQ2_XXS")
+    plan = speed_costs.bench_plan(info, types, sample_rows=8)
+    gguf_export.write_gguf(plan, tmp_path / "bench.gguf", progress=False)    # checks the size and types
+    spec = next(t for t in info.tensors if types.get(t.hf_name) == "IQ2_XXS")
+    values = gguf_export.tensor_values(info, spec)[:8]
+    sample = quant_utils.quantize(values, "IQ2_XXS", imatrix=np.ones(values.shape[1], dtype=np.float32))
+    rows = plan.shipped[spec.hf_name]
+    assert rows.shape[0] == spec.shape[0] > 8 and rows[:8].tobytes() == sample
+    assert (rows[8:16] == rows[:8]).all()
+    model = llama_cpp_model(tmp_path / "bench.gguf")
+    model.eval([1, 2, 3])
+
+
 def test_pareto_front_keeps_a_dominated_type_only_when_it_is_faster():
     sizes, damage = [100, 100, 120], [2.0, 1.0, 0.5]
     assert [e[0] for e in pareto_menu(["Q4_0", "IQ4_NL", "Q5_0"], sizes, damage)] == ["IQ4_NL", "Q5_0"]
