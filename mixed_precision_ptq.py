@@ -63,9 +63,9 @@ from model_blocks import load_model_and_tokenizer, resolve_device
 
 # llama.cpp presets offered to the GA as seeds and used as the uniform baseline at the budget.
 SEED_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
-# Below this preset's file size the K menu takes the i-quants too (quantized_weights.LOW_BIT_K_MENU): they are
-# slow to quantize (IQ2_S about 0.5 M weights/s a thread, 16x slower than Q4_K) and above it the search never
-# chose them.
+# Below this preset's file size the K menu takes the i-quants and the 32-block types too
+# (quantized_weights.LOW_BIT_K_MENU). Above it they gained nothing measurable on the demo model (docs/RESULTS.md),
+# and the i-quants are slow to quantize (IQ2_S about 0.5 M weights/s a thread, 16x slower than Q4_K).
 LOW_BIT_BELOW = "Q3_K_M"
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
