@@ -92,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                   "same model, e.g. Q4_K_M")
     p.add_argument("--types", type=type_list, default=None,
                    help="candidate types, comma list: each tensor may take those that fit its rows (default: "
-                        "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0; Q4_0,IQ4_NL,Q4_1,Q5_0,Q5_1,Q8_0 where K types do not fit)")
+                        "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0; Q4_0,IQ4_NL,Q4_1,Q5_0,Q5_1,Q8_0 where K types do not fit; "
+                        f"below {LOW_BIT_BELOW}'s size also IQ1_S..IQ4_XS and the 32-block types where they fit)")
     data_utils.add_calib_args(p)
     p.add_argument("--kld_samples", type=cli.at_least(1), default=4, help="held-out windows for single-tensor KLDs")
     p.add_argument("--kld_seq_len", type=cli.at_least(2), default=128,
