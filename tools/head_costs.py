@@ -29,8 +29,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     info = architectures.load_model_info(Path(args.model_id))
-    head = next(t for t in info.tensors if t.quantizable and t.hf_name in speed_costs.tensor_roles(info)
-                and speed_costs.tensor_roles(info)[t.hf_name] == "head")
+    roles = speed_costs.tensor_roles(info)
+    head = next(t for t in info.tensors if roles.get(t.hf_name) == "head")
     table = json.loads(Path(args.table).read_text())["modes"]["tg"]["delta_s_per_weight"]
     types = [speed_costs.REFERENCE_TYPE] + args.types.split(",")
     with tempfile.TemporaryDirectory(prefix="head-costs-") as tmp:
