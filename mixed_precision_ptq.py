@@ -289,17 +289,22 @@ def speed_costs_for(args, run: SearchInputs) -> speed_costs.SpeedCosts | None:
         print("note: no llama.cpp preset fits the budget, so there is no preset speed to keep to: "
               "searching without a speed limit")
         return None
-    types = {t for menu in run.menus.values() for t in menu}
-    types |= set(run.presets[run.baseline_preset]["types"].values())
+    head = speed_costs.head_name(run.info)
+    baseline = run.presets[run.baseline_preset]["types"]
+    types = {t for name, menu in run.menus.items() if name != head for t in menu}
+    types |= {t for name, t in baseline.items() if name != head}
+    head_types = set(run.menus[head]) | {baseline[head]}
     if args.speed_costs:
         costs = speed_costs.SpeedCosts.load(args.speed_costs)
-        missing = sorted(set(types) - set.intersection(*(set(m.delta_s_per_weight) for m in costs.modes.values())))
+        missing = sorted(set(types) - set(costs.modes["tg"].delta_s_per_weight))
+        missing += [f"{t} (head)" for t in sorted(head_types - set(costs.modes["tg"].head_delta_s_per_weight))]
         if missing:
             raise UserError(f"the speed cost table {args.speed_costs} has no {', '.join(missing)}, which this "
                             "search's menus or its baseline preset use; measure one with these types")
         return costs
     device = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"
-    return speed_costs.cached_costs(run.model_dir, sorted(types), Path(args.cache_dir), device=device)
+    return speed_costs.cached_costs(run.model_dir, sorted(types), sorted(head_types), Path(args.cache_dir),
+                                    device=device)
 
 
 def collect_statistics(args, run: SearchInputs) -> calib_stats.CalibStats:

@@ -18,8 +18,11 @@ table and the quartiles stay with it. For each test (pp: seconds per prompt, tg:
     seconds(assignment) = all_reference_s(n_layers) + sum over tensors of n_weights * delta_s_per_weight[type]
 
 with delta[Q8_0] = 0: only differences between types are per weight, so the blocks' type-independent work
-(norms, attention) stays in the per-block time. A token embedding is a row lookup and costs nothing; an output
-head runs on one token per prompt, so its prompt cost per weight is its decode cost.
+(norms, attention) stays in the per-block time. A token embedding is a row lookup and costs nothing. The output
+head (or a tied embedding) has costs of its own: one wide matrix does not run at the speed per weight of the
+block matrices (on an H200 the block costs priced Qwen2.5-7B's head at Q4_K four times what it saves in
+bandwidth), so for each of its types a file of reference blocks with the head in that type gives its decode
+delta. A prompt runs the head on its last token only, so its prompt cost is that delta for one token.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ import workers
 from architectures import ModelInfo, load_model_info
 from cli import UserError
 
-COSTS_FORMAT_VERSION = 2         # 2: prompt processing and decode (1: decode only)
+COSTS_FORMAT_VERSION = 3         # 3: the head's own costs; 2: prompt processing and decode; 1: decode only
 REFERENCE_TYPE = "Q8_0"          # fits every row length that is a multiple of 32
 MODES = ("pp", "tg")             # llama-bench's prompt-processing and decode tests
 MIN_BENCH_LAYERS = 4
@@ -65,6 +68,7 @@ class ModeCosts:
     one_block_s: float                        # the model cut to 1 block, every matrix in the reference type
     per_block_s: float                        # each further block in the reference type
     delta_s_per_weight: dict[str, float]      # per weight, relative to the reference type
+    head_delta_s_per_weight: dict[str, float]  # the same for the head's weights (module docstring)
 
     def all_reference_s(self, n_layers: int) -> float:
         return self.one_block_s + (n_layers - 1) * self.per_block_s
@@ -89,11 +93,12 @@ class SpeedCosts:
     @classmethod
     def from_dict(cls, d: dict, source: str = "the cost table") -> "SpeedCosts":
         if d.get("format_version") != COSTS_FORMAT_VERSION:
-            raise UserError(f"{source} is not a format {COSTS_FORMAT_VERSION} speed cost table (prompt and "
-                            "decode); measure it again with this version (mixed_precision_ptq.py measures "
-                            "and caches one)")
+            raise UserError(f"{source} is not a format {COSTS_FORMAT_VERSION} speed cost table (prompt, "
+                            "decode and the head's own costs); measure it again with this version "
+                            "(mixed_precision_ptq.py measures and caches one)")
         modes = {m: ModeCosts(float(c["one_block_s"]), float(c["per_block_s"]),
-                              {t: float(v) for t, v in c["delta_s_per_weight"].items()})
+                              {t: float(v) for t, v in c["delta_s_per_weight"].items()},
+                              {t: float(v) for t, v in c["head_delta_s_per_weight"].items()})
                  for m, c in d["modes"].items()}
         return cls(modes, int(d["pp_tokens"]), int(d["tg_tokens"]), d["backend"], list(d.get("measured", [])),
                    float(d.get("seconds", 0.0)))
@@ -127,6 +132,11 @@ def tensor_roles(info: ModelInfo) -> dict[str, str]:
     return roles
 
 
+def head_name(info: ModelInfo) -> str:
+    """The HF name of the tensor whose role is "head"."""
+    return next(name for name, role in tensor_roles(info).items() if role == "head")
+
+
 def tensor_seconds(info: ModelInfo, costs: SpeedCosts) -> dict[str, dict[str, Callable[[str], float]]]:
     """{mode: {tensor: seconds it adds (or saves) as a given type instead of the reference}}."""
     roles = tensor_roles(info)
@@ -136,9 +146,9 @@ def tensor_seconds(info: ModelInfo, costs: SpeedCosts) -> dict[str, dict[str, Ca
         role = roles[name]
         if role == "lookup":
             return 0.0
-        deltas = costs.modes["tg" if role == "head" else mode].delta_s_per_weight
+        deltas = costs.modes[mode].head_delta_s_per_weight if role == "head" else costs.modes[mode].delta_s_per_weight
         if qtype not in deltas:
-            raise UserError(f"the speed cost table has no {qtype} (tensor {name}); measure it again with the "
+            raise UserError(f"the speed cost table has no {qtype} for {name}; measure it again with the "
                             "types of this search")
         return shapes[name][0] * shapes[name][1] * deltas[qtype]
 
@@ -254,32 +264,48 @@ def bench_layers(info: ModelInfo) -> int:
     return max(2, min(info.n_layers, wanted))
 
 
-def measure_costs(model_dir: Path, types: list[str], work_dir: Path, pp_tokens: int = 512, tg_tokens: int = 128,
-                  rounds: int = 5, n_threads: int | None = None, device: str = "cpu",
+def head_file_types(info: ModelInfo, qtype: str) -> tuple[dict[str, str], int]:
+    """Every matrix in the reference type but the head, in `qtype`; and the head's number of weights."""
+    head = head_name(info)
+    types = {t.hf_name: REFERENCE_TYPE for t in info.tensors if t.quantizable}
+    rows, row_length = next(t.shape for t in info.tensors if t.hf_name == head)
+    return {**types, head: qtype}, rows * row_length
+
+
+def by_bits(types) -> list[str]:
+    """The reference type first, then the others by bits per weight."""
+    return [REFERENCE_TYPE] + sorted(set(types) - {REFERENCE_TYPE}, key=lambda t: quant_utils.get_type(t).bits_per_weight)
+
+
+def measure_costs(model_dir: Path, types: list[str], head_types: list[str], work_dir: Path, pp_tokens: int = 512,
+                  tg_tokens: int = 128, rounds: int = 5, n_threads: int | None = None, device: str = "cpu",
                   progress: bool = True) -> SpeedCosts:
-    """Run the microbenchmark (module docstring) for `types` on the model at `model_dir`."""
+    """Run the microbenchmark (module docstring) for the block matrices' `types` and the head's `head_types` on
+    the model at `model_dir`."""
     t0 = time.perf_counter()
     n_threads = n_threads or os.cpu_count() or 1
     config = json.loads((Path(model_dir) / "config.json").read_text())
     layers = bench_layers(load_model_info(Path(model_dir)))
-    types = [REFERENCE_TYPE] + sorted(set(types) - {REFERENCE_TYPE},
-                                      key=lambda t: quant_utils.get_type(t).bits_per_weight)
-    jobs = [(1, REFERENCE_TYPE)] + [(layers, t) for t in types]
+    jobs = [(1, REFERENCE_TYPE, "blocks")] + [(layers, t, "blocks") for t in by_bits(types)]
+    jobs += [(layers, t, "head") for t in by_bits(head_types)[1:]]
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="speed-bench-") as tmp:
         tmp = Path(tmp)
         infos = {}
-        for n_layers in sorted({n for n, _ in jobs}):
+        for n_layers in sorted({n for n, _, _ in jobs}):
             ckpt = write_random_checkpoint(dict(config, num_hidden_layers=n_layers), Path(model_dir),
                                            tmp / f"layers{n_layers}", device=device)
             infos[n_layers] = load_model_info(ckpt, f"speed-bench-{n_layers}")
         paths, rows = [], []
-        for n_layers, qtype in tqdm(jobs, desc="speed cost GGUFs", unit="gguf", disable=not progress):
-            tensor_types, n_weights = uniform_block_types(infos[n_layers], qtype)
-            path = tmp / f"{qtype}-{n_layers}.gguf"
+        for n_layers, qtype, part in tqdm(jobs, desc="speed cost GGUFs", unit="gguf", disable=not progress):
+            if part == "head":
+                tensor_types, n_weights = head_file_types(infos[n_layers], qtype)
+            else:
+                tensor_types, n_weights = uniform_block_types(infos[n_layers], qtype)
+            path = tmp / f"{part}-{qtype}-{n_layers}.gguf"
             gguf_export.write_gguf(bench_plan(infos[n_layers], tensor_types), path, progress=False)
             paths.append(str(path))
-            rows.append({"type": qtype, "layers": n_layers, "weights_in_type": n_weights})
+            rows.append({"part": part, "type": qtype, "layers": n_layers, "weights_in_type": n_weights})
         runs = workers.interleaved_speeds(paths, pp_tokens, tg_tokens, rounds, n_threads, progress)
     for row, r in zip(rows, runs):
         row.update(r.summary())
@@ -293,25 +319,30 @@ def costs_from_measurements(measured: list[dict], layers: int, backend: str, pp_
     """Solve the cost model from the benchmark rows' median tok/s (module docstring)."""
     modes = {}
     for mode, n_tokens in zip(MODES, (pp_tokens, tg_tokens)):
-        seconds = {(m["type"], m["layers"]): n_tokens / m[mode]["median"] for m in measured}
-        one, many = seconds[(REFERENCE_TYPE, 1)], seconds[(REFERENCE_TYPE, layers)]
-        delta = {REFERENCE_TYPE: 0.0}
+        seconds = {(m["part"], m["type"], m["layers"]): n_tokens / m[mode]["median"] for m in measured}
+        one, many = seconds[("blocks", REFERENCE_TYPE, 1)], seconds[("blocks", REFERENCE_TYPE, layers)]
+        delta = {"blocks": {REFERENCE_TYPE: 0.0}, "head": {REFERENCE_TYPE: 0.0}}
         for m in measured:
             if m["layers"] == layers and m["type"] != REFERENCE_TYPE and m["weights_in_type"] > 0:
-                delta[m["type"]] = (seconds[(m["type"], layers)] - many) / m["weights_in_type"]
-        modes[mode] = ModeCosts(one, (many - one) / (layers - 1), delta)
+                delta[m["part"]][m["type"]] = (seconds[(m["part"], m["type"], layers)] - many) / m["weights_in_type"]
+        modes[mode] = ModeCosts(one, (many - one) / (layers - 1), delta["blocks"], delta["head"])
+    # a prompt runs the head on its last token only: its decode delta for one token
+    modes["pp"].head_delta_s_per_weight = {t: d / tg_tokens for t, d in modes["tg"].head_delta_s_per_weight.items()}
     return SpeedCosts(modes, pp_tokens, tg_tokens, backend, measured)
 
 
-def cached_costs(model_dir: Path, types: list[str], cache_dir: Path, n_threads: int | None = None,
-                 device: str = "cpu", rounds: int = 5, progress: bool = True) -> SpeedCosts:
-    """The cost table for these widths, types, backend and threads from `cache_dir`, measured on first use."""
+def cached_costs(model_dir: Path, types: list[str], head_types: list[str], cache_dir: Path,
+                 n_threads: int | None = None, device: str = "cpu", rounds: int = 5,
+                 progress: bool = True) -> SpeedCosts:
+    """The cost table for these widths, types (of the block matrices and of the head), backend and threads from
+    `cache_dir`, measured on first use."""
     n_threads = n_threads or os.cpu_count() or 1
     config = json.loads((Path(model_dir) / "config.json").read_text())
     widths = {k: v for k, v in config.items() if k != "num_hidden_layers" and isinstance(v, (int, float, str))}
     layers = bench_layers(load_model_info(Path(model_dir)))
     fields = {"format": COSTS_FORMAT_VERSION, "widths": widths, "types": sorted(types),
-              "backend": backend_description(n_threads), "layers": layers, "rounds": rounds}
+              "head_types": sorted(head_types), "backend": backend_description(n_threads), "layers": layers,
+              "rounds": rounds}
     path = Path(cache_dir) / f"speed-costs-{files.record_key(fields)}.json"
     if path.is_file():
         try:
@@ -325,7 +356,7 @@ def cached_costs(model_dir: Path, types: list[str], cache_dir: Path, n_threads: 
                 return SpeedCosts.from_dict(d, str(other))
         except (ValueError, KeyError, TypeError, UserError, AttributeError):
             continue            # not a table this run can use (the one it measures replaces nothing)
-    costs = measure_costs(Path(model_dir), types, Path(cache_dir), rounds=rounds, n_threads=n_threads,
+    costs = measure_costs(Path(model_dir), types, head_types, Path(cache_dir), rounds=rounds, n_threads=n_threads,
                           device=device, progress=progress)
     files.write_json(path, {**costs.to_dict(), "key": fields})
     return costs
@@ -334,6 +365,7 @@ def cached_costs(model_dir: Path, types: list[str], cache_dir: Path, n_threads: 
 def serves(cached: dict | None, wanted: dict) -> bool:
     """A cached table measured as `wanted` asks, for these types and maybe more (each type's cost is measured on
     its own file, so a wider table holds the same costs)."""
-    if not isinstance(cached, dict) or not set(wanted["types"]) <= set(cached.get("types", ())):
+    listed = ("types", "head_types")
+    if not isinstance(cached, dict) or not all(set(wanted[k]) <= set(cached.get(k, ())) for k in listed):
         return False
-    return all(cached.get(k) == v for k, v in wanted.items() if k != "types")
+    return all(cached.get(k) == v for k, v in wanted.items() if k not in listed)
