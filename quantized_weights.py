@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import gguf
 import torch
 from torch import nn
 
-import architectures
 import gptq
 import torch_dequant
 from calib_stats import CalibStats
@@ -34,7 +34,6 @@ BLOCK32_MENU = ("Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 # 4.25 bits per weight beside the K-quants, and the 32-block types, which rows of 256 take as well.
 LOW_BIT_K_MENU = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS",
                   "Q4_0", "IQ4_NL", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
-EMBEDDING = "token_embd.weight"     # its GGUF name
 QUANTIZERS = ("gptq", "ggml")
 # GPTQ passes stack the rows of the weights that share a factor (gptq.quantize_many) up to this many bytes of
 # float64 rows; a pass holds about four such arrays (the weights, their updates or quantized values, the
@@ -55,8 +54,8 @@ def tensor_menus(info, k_menu: Sequence[str] = K_MENU,
                  block32_menu: Sequence[str] = BLOCK32_MENU) -> dict[str, tuple[str, ...]]:
     """Every quantizable tensor's candidate types from the checkpoint's shapes alone, as `quantizable_weights`
     will give them."""
-    return {name: candidate_types(shape[1], k_menu, block32_menu, architectures.gguf_name(info, name) == EMBEDDING)
-            for name, shape in architectures.quantizable_tensors(info).items()}
+    return {t.hf_name: candidate_types(t.shape[1], k_menu, block32_menu, t.kind == gguf.MODEL_TENSOR.TOKEN_EMBD)
+            for t in info.tensors if t.quantizable}
 
 
 @dataclass(frozen=True)

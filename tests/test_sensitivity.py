@@ -89,6 +89,16 @@ def test_candidate_menus_fall_back_to_32_weight_blocks():
     assert "IQ3_S" in embedding and not {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"} & set(embedding)
 
 
+def test_checkpoint_menus_keep_imatrix_only_types_off_the_token_embedding(tiny_qwen2):
+    """tensor_menus, from the checkpoint's shapes alone: the architecture table's token embedding takes no
+    IQ1-IQ3_XXS, the block matrices and the untied head of the same row length do."""
+    import architectures
+    info = architectures.load_model_info(tiny_qwen2)
+    menus = quantized_weights.tensor_menus(info, quantized_weights.LOW_BIT_K_MENU)
+    assert "IQ2_XXS" not in menus["model.embed_tokens.weight"] and "IQ3_S" in menus["model.embed_tokens.weight"]
+    assert "IQ2_XXS" in menus["lm_head.weight"] and "IQ2_XXS" in menus["model.layers.0.self_attn.q_proj.weight"]
+
+
 def test_cache_keys_follow_the_weights_not_the_checkpoint_path(tmp_path):
     """The statistics and sensitivity caches are keyed by the model's content: the same checkpoint saved in two
     places hashes the same (the config's _name_or_path once made a relative and an absolute path two models)."""
