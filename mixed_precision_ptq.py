@@ -108,9 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantizer", default="gptq", choices=quantized_weights.QUANTIZERS,
                    help="gptq: ggml's quantizer with GPTQ error feedback over block columns (tensors with a Gram; "
                         "their bytes ship in <output>.tensors.gguf); ggml: ggml's imatrix quantization alone")
-    p.add_argument("--smooth", default="off", type=smooth_mode,
-                   help="SmoothQuant-style exact rescaling before quantization: off, auto (strength searched per "
-                        "block, kept only where it lowers the output error) or a fixed strength in (0, 1)")
+    p.add_argument("--smooth", default="auto", type=smooth_mode,
+                   help="SmoothQuant-style exact rescaling before quantization: auto (strength searched per "
+                        "block, kept only where it lowers the output error), off, or a fixed strength in (0, 1)")
     p.add_argument("--max_slowdown", type=slowdown, default=1.0,
                    help="prompt processing and decode each predicted at most this times slower than the uniform "
                         "llama.cpp preset of the budget (1: no slower; 0.97: 3%% faster), on this machine's "

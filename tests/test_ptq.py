@@ -108,15 +108,14 @@ def test_parse_size_units():
         ptq.parse_size("4 parsecs")
 
 
-def test_smooth_auto_is_recorded_and_exported(searched, capsys):
-    """--smooth auto: the config carries the scales the search used and the exporter folds them in (the GGUF's
-    norm weights are the smoothed ones), and the budget still holds to the byte."""
+def test_smoothing_is_on_by_default_recorded_and_exported(searched, capsys):
+    """--smooth auto by default: the config carries the scales the search used and the exporter folds them in
+    (the GGUF's norm weights are the smoothed ones), and the budget still holds to the byte."""
     import gguf
-    model_dir, base, budget, _ = searched
-    cfg = run_search(model_dir, base / "smooth.pt", base / "cache", "--target_size", str(budget), "--smooth", "auto")
+    model_dir, base, budget, cfg = searched
     record = cfg["smoothing"]
     assert record["mode"] == "auto" and record["alpha"] and record["columns"] and record["rows"]
-    exporter.main(["--model_id", str(model_dir), "--config", str(base / "smooth.pt"), "--output",
+    exporter.main(["--model_id", str(model_dir), "--config", str(base / "a.pt"), "--output",
                    str(base / "smooth.gguf")])
     assert (base / "smooth.gguf").stat().st_size == cfg["achieved"]["size_bytes"] <= budget
     norms = {n: v for n, v in record["rows"].items() if n.endswith("layernorm.weight")}
@@ -192,7 +191,8 @@ def test_gptq_tensors_from_another_checkpoint_or_missing_are_refused(searched, t
 def searched_ggml(searched):
     model_dir, base, budget, _ = searched
     (base / "plain.tensors.gguf").write_bytes(b"stale")
-    cfg = run_search(model_dir, base / "plain.pt", base / "cache", "--target_size", str(budget), "--quantizer", "ggml")
+    cfg = run_search(model_dir, base / "plain.pt", base / "cache", "--target_size", str(budget), "--quantizer", "ggml",
+                     "--smooth", "off")
     return model_dir, base, cfg
 
 
@@ -235,7 +235,8 @@ def test_recipe_of_a_gptq_search_gives_the_types_not_the_bytes(searched, f32_ggu
                                                      np.asarray(theirs[n].data).view(np.uint8))]
     info = architectures.load_model_info(model_dir)
     shipped = {architectures.gguf_name(info, n) for n in cfg["quantized_tensors"]["tensors"]}
-    assert differ and set(differ) <= shipped       # GPTQ's bytes differ; every other tensor is ggml's
+    smoothed = {architectures.gguf_name(info, n) for part in ("rows", "columns") for n in cfg["smoothing"][part]}
+    assert set(differ) & shipped and set(differ) <= shipped | smoothed    # every other tensor is ggml's
 
 
 def test_any_menu_works_even_without_the_usual_measured_types(tiny_qwen2, tmp_path):
