@@ -22,7 +22,8 @@ with delta[Q8_0] = 0: only differences between types are per weight, so the bloc
 head (or a tied embedding) has costs of its own: one wide matrix does not run at the speed per weight of the
 block matrices (on an H100, Qwen2.5-7B's head in Q4_K instead of Q6_K saves 1.2e-11 s a weight per 128 tokens,
 where the block matrices save 3.3e-11), so for each of its types a file of reference blocks with the head in
-that type gives its decode delta. A prompt runs the head on its last token only, so its prompt cost is that delta for one token.
+that type gives its decode delta. A prompt runs the head on its last token only, so its prompt cost is that
+delta for one token.
 """
 from __future__ import annotations
 
@@ -274,7 +275,8 @@ def head_file_types(info: ModelInfo, qtype: str) -> tuple[dict[str, str], int]:
 
 def by_bits(types) -> list[str]:
     """The reference type first, then the others by bits per weight."""
-    return [REFERENCE_TYPE] + sorted(set(types) - {REFERENCE_TYPE}, key=lambda t: quant_utils.get_type(t).bits_per_weight)
+    others = set(types) - {REFERENCE_TYPE}
+    return [REFERENCE_TYPE] + sorted(others, key=lambda t: quant_utils.get_type(t).bits_per_weight)
 
 
 def measure_costs(model_dir: Path, types: list[str], head_types: list[str], work_dir: Path, pp_tokens: int = 512,
