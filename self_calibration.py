@@ -60,13 +60,13 @@ def prompts_of(role: str, prompts: list[str]) -> list[str]:
 
 def sample_token(logits: np.ndarray, rng: np.random.Generator) -> int:
     """One token by SAMPLING: temperature, top-k, then top-p, from float32 logits."""
-    k = SAMPLING["top_k"]
+    k = min(SAMPLING["top_k"], len(logits))
     top = np.argpartition(logits, -k)[-k:]
     top = top[np.argsort(-logits[top], kind="stable")]
     z = logits[top].astype(np.float64) / SAMPLING["temperature"]
     p = np.exp(z - z.max())
     p /= p.sum()
-    keep = int(np.searchsorted(np.cumsum(p), SAMPLING["top_p"])) + 1
+    keep = min(int(np.searchsorted(np.cumsum(p), SAMPLING["top_p"])) + 1, k)   # the sum may stop short of 1
     p = p[:keep] / p[:keep].sum()
     return int(top[rng.choice(keep, p=p)])
 

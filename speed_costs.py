@@ -323,9 +323,11 @@ def costs_from_measurements(measured: list[dict], layers: int, backend: str, pp_
     for mode, n_tokens in zip(MODES, (pp_tokens, tg_tokens)):
         seconds = {(m["part"], m["type"], m["layers"]): n_tokens / m[mode]["median"] for m in measured}
         one, many = seconds[("blocks", REFERENCE_TYPE, 1)], seconds[("blocks", REFERENCE_TYPE, layers)]
+        parts = ("blocks",) if mode == "pp" else ("blocks", "head")   # a prompt's head: below
         delta = {"blocks": {REFERENCE_TYPE: 0.0}, "head": {REFERENCE_TYPE: 0.0}}
         for m in measured:
-            if m["layers"] == layers and m["type"] != REFERENCE_TYPE and m["weights_in_type"] > 0:
+            if (m["part"] in parts and m["layers"] == layers and m["type"] != REFERENCE_TYPE
+                    and m["weights_in_type"] > 0):
                 delta[m["part"]][m["type"]] = (seconds[(m["part"], m["type"], layers)] - many) / m["weights_in_type"]
         modes[mode] = ModeCosts(one, (many - one) / (layers - 1), delta["blocks"], delta["head"])
     # a prompt runs the head on its last token only: its decode delta for one token

@@ -296,3 +296,15 @@ def test_calib_self_calibrates_on_the_models_own_answers_and_caches_them(searche
     ptq.main([*argv, "--output", str(tmp_path / "again.pt")])
     assert [p.stat().st_mtime_ns for p in drawn] == stamps
     assert torch.load(tmp_path / "again.pt", weights_only=True)["tensor_types"] == cfg["tensor_types"]
+
+
+def test_sample_token_over_the_whole_vocabulary(monkeypatch):
+    """top-k past the vocabulary and top-p 1 sample from every token (the cumulative sum may stop short of 1)."""
+    import self_calibration
+    monkeypatch.setitem(self_calibration.SAMPLING, "top_k", 10**6)
+    monkeypatch.setitem(self_calibration.SAMPLING, "top_p", 1.0)
+    monkeypatch.setitem(self_calibration.SAMPLING, "temperature", 1.0)
+    rng = np.random.default_rng(0)
+    logits = np.zeros(50, dtype=np.float32)
+    drawn = {self_calibration.sample_token(logits, rng) for _ in range(2000)}
+    assert drawn == set(range(50))
