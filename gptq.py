@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import gpu_quantize
 import quant_utils
 import torch_dequant
 from quant_utils import get_type
@@ -149,10 +150,9 @@ def quantize_many(weights: Sequence[torch.Tensor], qtypes: Sequence[str], feedba
     quantized = torch.empty_like(w)
     for j, u_inv in enumerate(feedback.block_inverses):
         cols = slice(j * b, (j + 1) * b)
-        raws = stack.quantize(w[:, cols], (u_inv ** 2).sum(1), n_threads)
+        raws, quantized[:, cols] = stack.quantize(w[:, cols], (u_inv ** 2).sum(1), n_threads)
         for ((a, z), t), raw, positions in zip(stack, raws, by_position):
             positions[:, j] = np.frombuffer(raw, dtype=np.uint8).reshape(z - a, t.block_bytes)
-            quantized[a:z, cols] = _decode(raw, t.name, (z - a, b), device)
         if j + 1 < n_blocks:
             err = (w[:, cols] - quantized[:, cols]) @ u_inv
             w[:, cols.stop:] -= err @ upper[cols, cols.stop:]
@@ -203,11 +203,35 @@ class _Stack:
         """The stacked rows in float64 on `device`, columns in processing order."""
         return torch.cat([w.detach().to(device=device, dtype=torch.float64) for w in weights])[:, feedback.order]
 
-    def quantize(self, columns: torch.Tensor, importance: torch.Tensor, n_threads: int | None) -> list[bytes]:
-        """ggml's bytes of each weight's rows of these columns, in its type, weighted by `importance`."""
-        values = columns.float().cpu().numpy()
-        importance = importance.float().cpu().numpy()
-        return quant_utils.quantize_many([(values[a:z], t, importance) for (a, z), t in self], n_threads)
+    def quantize(self, columns: torch.Tensor, importance: torch.Tensor, n_threads: int | None
+                 ) -> tuple[list[bytes], torch.Tensor]:
+        """ggml's bytes of each weight's rows of these columns, in its type, weighted by `importance`, and all
+        of them decoded (float64, stacked, on the columns' device). On a CUDA GPU gpu_quantize writes the types it
+        has (one copy of all their bytes to the host), ggml on the CPU the others, in one dispatch."""
+        values, importance = columns.float(), importance.float()
+        device, shape = columns.device, (0, columns.shape[1])
+        on_gpu = {i: gpu_quantize.quantize(values[a:z], t.name, importance) for i, ((a, z), t) in enumerate(self)
+                  if gpu_quantize.supports(t.name, device, has_imatrix=True)}
+        raws: list[bytes | None] = [None] * len(self.bounds)
+        if on_gpu:
+            host = torch.cat([q.reshape(-1) for q in on_gpu.values()]).cpu().numpy()
+            offset = 0
+            for i, q in on_gpu.items():
+                raws[i] = host[offset:offset + q.numel()].tobytes()
+                offset += q.numel()
+        on_cpu = [i for i in range(len(self.bounds)) if i not in on_gpu]
+        if on_cpu:
+            values_np, importance_np = values.cpu().numpy(), importance.cpu().numpy()
+            for i, raw in zip(on_cpu, quant_utils.quantize_many(
+                    [(values_np[slice(*self.bounds[i])], self.types[i], importance_np) for i in on_cpu], n_threads)):
+                raws[i] = raw
+        decoded = []
+        for i, ((a, z), t) in enumerate(self):
+            if i in on_gpu and torch_dequant.supports(t.name):
+                decoded.append(torch_dequant.dequantize(on_gpu[i].reshape(-1), t.name, (z - a, shape[1])).double())
+            else:
+                decoded.append(_decode(raws[i], t.name, (z - a, shape[1]), device))
+        return raws, torch.cat(decoded)
 
 
 def _swept_bytes(original: torch.Tensor, quantized: torch.Tensor, by_position: list[np.ndarray], stack: _Stack,
@@ -238,9 +262,7 @@ def _refine(original: torch.Tensor, quantized: torch.Tensor, by_position: list[n
         h_block = hessian[cols, cols]
         rest = grad[:, cols] - diff[:, cols] @ h_block
         target = original[:, cols] - rest @ h_block_inv
-        raws = stack.quantize(target, torch.diagonal(h_block), n_threads)
-        candidate = torch.cat([_decode(raw, t.name, (z - a, b), quantized.device)
-                               for ((a, z), t), raw in zip(stack, raws)])
+        raws, candidate = stack.quantize(target, torch.diagonal(h_block), n_threads)
         old, new = quantized[:, cols] - target, candidate - target
         better = ((new @ h_block) * new).sum(1) < ((old @ h_block) * old).sum(1)
         if not bool(better.any()):

@@ -18,6 +18,7 @@ import gguf
 import torch
 from torch import nn
 
+import gpu_quantize
 import gptq
 import torch_dequant
 from calib_stats import CalibStats
@@ -276,7 +277,10 @@ class QuantizedWeights:
             weight = weight[rows.to(weight.device)]
         feedback = self.feedback_of(spec, qtype) if feedback else None
         if feedback is None:
-            return quantize(weight.cpu(), qtype, self.imatrix_of(spec))
+            imatrix = self.imatrix_of(spec)
+            if gpu_quantize.supports(qtype, weight.device, has_imatrix=imatrix is not None):
+                return gpu_quantize.quantize(weight, qtype, imatrix).cpu().numpy().tobytes()
+            return quantize(weight.cpu(), qtype, imatrix)
         return gptq.quantize(weight, qtype, feedback, sweeps=sweeps)
 
     def imatrix_of(self, spec: WeightSpec) -> torch.Tensor | None:

@@ -36,10 +36,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import gptq
+import gpu_quantize
 from architectures import architecture_of
 from calib_stats import CalibStats
 from model_blocks import block_prefix, decoder, decoder_blocks, is_tied, output_weight_name
-from quant_utils import fake_quantize, get_type
+from quant_utils import get_type
 
 ALPHA_GRID = (0.2, 0.35, 0.5, 0.65, 0.8)
 SEARCH_ROWS = 128          # rows per consumer in the error estimate
@@ -200,10 +202,11 @@ def consumer_rows(model, stats: CalibStats, group: SmoothGroup) -> dict[str, Con
     out = {}
     for name in group.consumers:
         param = model.get_parameter(name).detach()
-        w = param[search_rows(param.shape[0]).to(param.device)].float().cpu()
-        gram = stats.gram_of(name)[0].double().cpu()
+        device = gptq.compute_device(param.device)      # the model's GPU where it has one (float64 products)
+        w = param[search_rows(param.shape[0]).to(param.device)].float().to(device)
+        gram = stats.gram_of(name)[0].to(device=device, dtype=torch.float64)
         wd = w.double()
-        out[name] = ConsumerRows(w, gram, stats.in_sum2[name], max(stats.counts[name], 1),
+        out[name] = ConsumerRows(w, gram, stats.in_sum2[name].to(device), max(stats.counts[name], 1),
                                  float(torch.einsum("oi,oi->", wd @ gram, wd)))
     return out
 
@@ -218,13 +221,15 @@ def consumer_errors(model, stats: CalibStats, group: SmoothGroup, col_scale: tor
     for c in prepared.values():
         if not get_type(qtype).fits(c.weight_rows.shape[1]):
             continue
-        s = torch.ones(c.weight_rows.shape[1]) if col_scale is None else col_scale.float().cpu()
-        # the same float32 product and imatrix arithmetic as transform_tensor and apply_to_statistics, so the
-        # quantizer sees bit-identical inputs to the ones it will get from the transformed model
+        device = c.weight_rows.device
+        s = torch.ones(c.weight_rows.shape[1], device=device) if col_scale is None else col_scale.float().to(device)
+        # the same float32 product and imatrix arithmetic as transform_tensor and apply_to_statistics (element by
+        # element, so alike on any device), so the quantizer sees bit-identical inputs to the ones it will get from
+        # the transformed model; on a CUDA GPU gpu_quantize writes ggml's bytes there
         scaled = c.weight_rows * s[None, :]
         in_sum2 = c.in_sum2 / s.double().square().to(c.in_sum2.dtype)
         imatrix = (in_sum2 / c.count).to(torch.float32)
-        dw = fake_quantize(scaled, qtype, imatrix).double() / s.double() - c.weight_rows.double()
+        dw = gpu_quantize.fake_quantize(scaled, qtype, imatrix).double() / s.double() - c.weight_rows.double()
         err += float(torch.einsum("oi,oi->", dw @ c.gram, dw))
         energy += c.energy
     return err / max(energy, 1e-30)
