@@ -71,3 +71,14 @@ def test_gpu_writes_ggml_bytes(qtype):
     expected = np.frombuffer(quant_utils.quantize(values, qtype, imatrix), dtype=np.uint8)
     np.testing.assert_array_equal(got.cpu().numpy().reshape(-1), expected)
     assert qtype not in gpu_quantize._off
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fake_quantize_is_ggml_round_trip():
+    values, imatrix = hard_rows(256, seed=2)
+    weight, im = torch.from_numpy(values).cuda(), torch.from_numpy(imatrix).cuda()
+    for qtype in ("Q4_K", "Q6_K", "Q4_0"):         # Q4_0 is not ported: ggml on the CPU, back on the GPU
+        got = gpu_quantize.fake_quantize(weight, qtype, im)
+        assert got.device == weight.device and got.dtype == torch.float32
+        torch.testing.assert_close(got.cpu(), torch.from_numpy(quant_utils.fake_quantize(values, qtype, imatrix)),
+                                   rtol=0, atol=0)
