@@ -209,7 +209,7 @@ class _Stack:
         of them decoded (float64, stacked, on the columns' device). On a CUDA GPU gpu_quantize writes the types it
         has (one copy of all their bytes to the host), ggml on the CPU the others, in one dispatch."""
         values, importance = columns.float(), importance.float()
-        device, shape = columns.device, (0, columns.shape[1])
+        device, n_columns = columns.device, columns.shape[1]
         on_gpu = {i: gpu_quantize.quantize(values[a:z], t.name, importance) for i, ((a, z), t) in enumerate(self)
                   if gpu_quantize.supports(t.name, device, has_imatrix=True)}
         raws: list[bytes | None] = [None] * len(self.bounds)
@@ -228,9 +228,9 @@ class _Stack:
         decoded = []
         for i, ((a, z), t) in enumerate(self):
             if i in on_gpu and torch_dequant.supports(t.name):
-                decoded.append(torch_dequant.dequantize(on_gpu[i].reshape(-1), t.name, (z - a, shape[1])).double())
+                decoded.append(torch_dequant.dequantize(on_gpu[i].reshape(-1), t.name, (z - a, n_columns)).double())
             else:
-                decoded.append(_decode(raws[i], t.name, (z - a, shape[1]), device))
+                decoded.append(_decode(raws[i], t.name, (z - a, n_columns), device))
         return raws, torch.cat(decoded)
 
 

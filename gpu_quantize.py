@@ -60,7 +60,7 @@ def _kernel():
             kernel = compile_kernel(source, "quantize_blocks", nvcc_options=list(NVRTC_OPTIONS))
         except (RuntimeError, OSError) as err:
             _warn(f"NVRTC could not compile {SOURCE.name} ({str(err).splitlines()[0]}); "
-                          "quantizing with ggml on the CPU")
+                  "quantizing with ggml on the CPU")
             return None
 
         def launch(grid, block, args):
@@ -70,7 +70,7 @@ def _kernel():
         import cupy
     except ImportError:
         _warn("this PyTorch has no torch.cuda._compile_kernel and cupy is not installed; "
-                      "quantizing with ggml on the CPU")
+              "quantizing with ggml on the CPU")
         return None
     kernel = cupy.RawModule(code=source, options=NVRTC_OPTIONS).get_function("quantize_blocks")
 
@@ -125,9 +125,16 @@ def _check(values: torch.Tensor, qtype: str, imatrix: torch.Tensor | None, out: 
     with _lock:
         _off.add(qtype)
     _warn(f"the GPU's {qtype} bytes differ from ggml's on this machine; "
-                  f"quantizing {qtype} with ggml on the CPU from here on")
+          f"quantizing {qtype} with ggml on the CPU from here on")
     whole = quant_utils.quantize(values.cpu().numpy(), qtype, im)
     out.copy_(torch.from_numpy(np.frombuffer(whole, dtype=np.uint8).reshape(out.shape)).to(out.device))
+
+
+def quantize_bytes(weight: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -> bytes:
+    """quant_utils.quantize's bytes, written on the weight's CUDA GPU where `supports` holds, else by ggml."""
+    if supports(qtype, weight.device, imatrix is not None):
+        return quantize(weight, qtype, imatrix).cpu().numpy().tobytes()
+    return quant_utils.quantize(weight, qtype, imatrix)
 
 
 def fake_quantize(weight: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch_dequant
 from calib_stats import CalibStats
 from model_blocks import block_linears, block_prefix, decoder_blocks, embedding_weight_name, is_tied, output_weight_name
 from gguf_plan import IMATRIX_TYPES
-from quant_utils import dequantize, get_type, quantize
+from quant_utils import dequantize, get_type
 
 # Candidate menus. K-quants pack 256 weights per block; rows not divisible by 256 (hidden 576 or 896, say)
 # take the 32-weight-block types instead, as llama-quantize's fallbacks do. IQ4_NL is the 4.5-bit
@@ -277,10 +277,7 @@ class QuantizedWeights:
             weight = weight[rows.to(weight.device)]
         feedback = self.feedback_of(spec, qtype) if feedback else None
         if feedback is None:
-            imatrix = self.imatrix_of(spec)
-            if gpu_quantize.supports(qtype, weight.device, has_imatrix=imatrix is not None):
-                return gpu_quantize.quantize(weight, qtype, imatrix).cpu().numpy().tobytes()
-            return quantize(weight.cpu(), qtype, imatrix)
+            return gpu_quantize.quantize_bytes(weight, qtype, self.imatrix_of(spec))
         return gptq.quantize(weight, qtype, feedback, sweeps=sweeps)
 
     def imatrix_of(self, spec: WeightSpec) -> torch.Tensor | None:

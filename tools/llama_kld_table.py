@@ -78,6 +78,9 @@ def main() -> None:
                         "every workdir (default: kld-base/ beside the base GGUF; about 2.4 GB each for a 49k vocabulary)")
     args = p.parse_args()
 
+    missing = [f for f in (args.base, args.eval_file, *args.gguf) if not Path(f).is_file()]
+    if missing:
+        sys.exit(f"error: no such file: {missing[0]}")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     tool = str(Path(args.tools) / "llama-perplexity")
