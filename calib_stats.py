@@ -229,11 +229,12 @@ def load_statistics(path: str | os.PathLike) -> CalibStats:
 
 
 def cached_statistics(model: nn.Module, calib_ids: torch.Tensor, device="auto", batch_size: int = 8,
-                      gram_samples: int | None = None, cache_dir=None, gram_max_dim: int | None = None
-                      ) -> CalibStats:
+                      gram_samples: int | None = None, cache_dir=None, gram_max_dim: int | None = None,
+                      model_hash: str | None = None) -> CalibStats:
     """Statistics from `cache_dir` when this model and these windows were seen before, else collected and
-    saved there (an interrupted run resumes without collecting again)."""
-    model_hash = model_content_hash(model)         # a pass over every parameter: once
+    saved there (an interrupted run resumes without collecting again). `model_hash`: the model's
+    model_content_hash when the caller has it already."""
+    model_hash = model_hash or model_content_hash(model)      # a pass over every parameter: once
     collect = lambda: collect_statistics(model, calib_ids, device, batch_size, gram_samples=gram_samples,
                                          gram_max_dim=gram_max_dim, model_hash=model_hash)
     if cache_dir is None:

@@ -59,7 +59,7 @@ import sensitivity_table
 import smoothing
 import speed_costs
 from cli import UserError
-from model_blocks import load_model_and_tokenizer, resolve_device
+from model_blocks import load_model_and_tokenizer, model_content_hash, resolve_device
 
 # llama.cpp presets offered to the GA as seeds and used as the uniform baseline at the budget.
 SEED_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
@@ -211,6 +211,7 @@ class SearchInputs:
     calib_ids: torch.Tensor              # statistics windows
     holdout_ids: torch.Tensor            # single-tensor KLD windows (sensitivity)
     measure_ids: torch.Tensor            # the GA's measured-KLD windows
+    model_hash: str                      # model_content_hash of the model as loaded (cache keys)
     presets: dict[str, dict]             # llama.cpp presets that fit the budget: {name: {types, size_bytes}}
 
     @property
@@ -242,6 +243,7 @@ def load_inputs(args) -> SearchInputs:
     check_finite(model, menus, model_dir)
     if resolve_device(args.device).type == "cpu" or args.smooth != "off":
         model = model.float()        # smoothing rescales weights in place: in bf16 that would round them
+    model_hash = model_content_hash(model)    # here, while the model is in CPU RAM
     sources = ([(args.calib_file, 1.0)] if args.calib_file else data_utils.parse_calib_sources(args.calib_dataset))
     windows = data_utils.draw_windows(
         sources, tokenizer, {"calib": args.n_samples, "kld": args.kld_samples, "measure": args.measure_samples},
@@ -251,7 +253,7 @@ def load_inputs(args) -> SearchInputs:
     return SearchInputs(
         model_dir, info, model, budget, budget_source, args.types, menu, menus, data_utils.describe_sources(sources),
         calib_ids=windows["calib"], holdout_ids=windows["kld"][:, :args.kld_seq_len],
-        measure_ids=windows["measure"], presets=preset_seeds(info, budget))
+        measure_ids=windows["measure"], model_hash=model_hash, presets=preset_seeds(info, budget))
 
 
 def check_budget(info: architectures.ModelInfo, budget: int, menus: dict[str, tuple[str, ...]]) -> None:
@@ -307,10 +309,18 @@ def speed_costs_for(args, run: SearchInputs) -> speed_costs.SpeedCosts | None:
                                     device=device)
 
 
+def place_model(args, run: SearchInputs) -> None:
+    """The model moved once to where every later stage runs it: whole on the --device GPU when it fits beside
+    the analysis' working memory, else spread within --max_memory (the rest streamed from CPU RAM)."""
+    device_map = sensitivity.place_for_analysis(run.model, args.device, run.holdout_ids, args.max_memory,
+                                                run.measure_ids.numel())
+    print(f"placement: {placement.describe_device_map(device_map)}")
+
+
 def collect_statistics(args, run: SearchInputs) -> calib_stats.CalibStats:
     """Activation statistics (imatrix sums, Grams) of the calibration windows, cached."""
     stats = calib_stats.cached_statistics(run.model, run.calib_ids, args.device, args.batch_size,
-                                          args.gram_samples, args.cache_dir, args.gram_max_dim)
+                                          args.gram_samples, args.cache_dir, args.gram_max_dim, run.model_hash)
     stats.meta["source"] = run.calib_source
     return stats
 
@@ -318,7 +328,8 @@ def collect_statistics(args, run: SearchInputs) -> calib_stats.CalibStats:
 def smooth_model(args, run: SearchInputs, stats: calib_stats.CalibStats
                  ) -> tuple[smoothing.Smoothing, list[dict]]:
     """The smoothing transform (--smooth), applied to the model and its statistics alike."""
-    smooth, records = smoothing.search_smoothing(run.model, stats, run.menus, args.smooth)
+    smooth, records = smoothing.search_smoothing(run.model, stats, run.menus, args.smooth,
+                                                 device=resolve_device(args.device))
     smoothing.apply_to_model(run.model, smooth)
     smoothing.apply_to_statistics(stats, smooth)
     return smooth, records
@@ -330,7 +341,6 @@ def measure_sensitivity(args, run: SearchInputs, stats: calib_stats.CalibStats
     analyzer = sensitivity.LayerSensitivityAnalyzer(
         run.model, stats, run.holdout_ids, cache_dir=Path(args.cache_dir) / "sensitivity", device=args.device,
         max_memory=args.max_memory, eval_tokens=run.measure_ids.numel(), quantizer=args.quantizer, **run.menu_args)
-    print(f"placement: {placement.describe_device_map(analyzer.device_map)}")
     return analyzer, analyzer.run()
 
 
@@ -583,6 +593,8 @@ def main(argv=None) -> None:
             run = load_inputs(args)
         with timed(seconds, "speed_costs"):
             costs = speed_costs_for(args, run)
+        with timed(seconds, "placement"):
+            place_model(args, run)
         with timed(seconds, "statistics"):
             stats = collect_statistics(args, run)
             imatrix_file.write_model_imatrix(run.model, stats, outputs.path(out.with_suffix(".imatrix.gguf")),

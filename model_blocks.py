@@ -8,11 +8,13 @@ runs in float32 on its execution device, whatever the model's storage dtype and 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -101,13 +103,15 @@ def model_content_hash(model: nn.Module) -> str:
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    seen = set()
-    for name, param in model.named_parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        h.update(name.encode())
-        h.update(param.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    named = list(model.named_parameters())          # a shared (tied) parameter once
+
+    def digest(param: torch.Tensor) -> bytes:      # hashlib reads the buffer in place and lets go of the GIL
+        return hashlib.sha256(param.detach().to("cpu").contiguous().view(torch.uint8).numpy()).digest()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        for (name, _), param_digest in zip(named, pool.map(digest, [p for _, p in named])):
+            h.update(name.encode())
+            h.update(param_digest)
     return h.hexdigest()[:16]
 
 

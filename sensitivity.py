@@ -92,6 +92,18 @@ def rows_output_error(weight: torch.Tensor, new_weight: torch.Tensor, token_coun
 
 
 
+def place_for_analysis(model: nn.Module, device, holdout_ids: torch.Tensor, max_memory: dict[str, int] | None = None,
+                       eval_tokens: int = 0, kld_batch_size: int = 4, kld_stack: int = 8) -> dict[str, str]:
+    """Put the model where the analysis and the GA will run it (placement.place_model, with the working memory
+    of `LayerSensitivityAnalyzer`'s measurements reserved); the statistics and smoothing stages run it there
+    too. Placing an already placed model again moves nothing. Returns the device map."""
+    held_out_tokens = max(int(holdout_ids.numel()), eval_tokens)
+    stack_tokens = max(kld_stack * kld_batch_size * holdout_ids.shape[-1], eval_tokens)
+    return placement.place_model(model, resolve_device(device), max_memory,
+                                 placement.working_bytes(model, held_out_tokens, stack_tokens),
+                                 placement.working_bytes(model, held_out_tokens, stack_tokens, False))
+
+
 class LayerSensitivityAnalyzer:
     """Sensitivity of every quantizable tensor to every candidate GGUF type (see the module docstring).
 
@@ -113,12 +125,8 @@ class LayerSensitivityAnalyzer:
                  kld_stack: int = 8, progress: bool = True, max_memory: dict[str, int] | None = None,
                  eval_tokens: int = 0, quantizer: str = "gptq"):
         self.device = resolve_device(device)
-        held_out_tokens = max(int(holdout_ids.numel()), eval_tokens)
-        stack_tokens = max(kld_stack * kld_batch_size * holdout_ids.shape[-1], eval_tokens)
-        self.device_map = placement.place_model(model, self.device, max_memory,
-                                                placement.working_bytes(model, held_out_tokens, stack_tokens),
-                                                placement.working_bytes(model, held_out_tokens, stack_tokens,
-                                                                        False))
+        self.device_map = place_for_analysis(model, self.device, holdout_ids, max_memory, eval_tokens,
+                                             kld_batch_size, kld_stack)
         self.model = model.eval()
         self.stats = stats
         self.holdout_ids = holdout_ids.to(torch.long)

@@ -197,16 +197,18 @@ class ConsumerRows:
     energy: float
 
 
-def consumer_rows(model, stats: CalibStats, group: SmoothGroup) -> dict[str, ConsumerRows]:
-    """The group's consumers as the search reads them (only the search rows are copied, not whole weights)."""
+def consumer_rows(model, stats: CalibStats, group: SmoothGroup, device: torch.device | None = None
+                  ) -> dict[str, ConsumerRows]:
+    """The group's consumers as the search reads them (only the search rows are copied, not whole weights), on
+    `device` (default: where the weight is; float64 products, so an Apple GPU's work runs on the CPU)."""
     out = {}
     for name in group.consumers:
         param = model.get_parameter(name).detach()
-        device = gptq.compute_device(param.device)      # the model's GPU where it has one (float64 products)
-        w = param[search_rows(param.shape[0]).to(param.device)].float().to(device)
-        gram = stats.gram_of(name)[0].to(device=device, dtype=torch.float64)
+        on = gptq.compute_device(param.device if device is None else torch.device(device))
+        w = param[search_rows(param.shape[0]).to(param.device)].float().to(on)
+        gram = stats.gram_of(name)[0].to(device=on, dtype=torch.float64)
         wd = w.double()
-        out[name] = ConsumerRows(w, gram, stats.in_sum2[name].to(device), max(stats.counts[name], 1),
+        out[name] = ConsumerRows(w, gram, stats.in_sum2[name].to(on), max(stats.counts[name], 1),
                                  float(torch.einsum("oi,oi->", wd @ gram, wd)))
     return out
 
@@ -246,11 +248,12 @@ def group_types(model, group: SmoothGroup, menus: dict[str, Sequence[str]]) -> l
 
 
 def search_smoothing(model: nn.Module, stats: CalibStats, menus: dict[str, Sequence[str]], mode: str = "auto",
-                     alpha_grid: Sequence[float] = ALPHA_GRID, progress: bool = True
-                     ) -> tuple[Smoothing, list[dict]]:
+                     alpha_grid: Sequence[float] = ALPHA_GRID, progress: bool = True,
+                     device: torch.device | None = None) -> tuple[Smoothing, list[dict]]:
     """Choose the transform. mode "off": identity; a number: that alpha for every group; "auto": per group the
-    alpha with the lowest output error over the consumers' candidate types (or none). Returns the transform
-    and one record per (group, type): errors unscaled and at the chosen alpha."""
+    alpha with the lowest output error over the consumers' candidate types (or none), the errors computed on
+    `device` (default: where each weight is; on a CUDA GPU the quantization runs there too). Returns the
+    transform and one record per (group, type): errors unscaled and at the chosen alpha."""
     smoothing = Smoothing(mode=str(mode))
     if mode == "off":
         return smoothing, []
@@ -265,7 +268,7 @@ def search_smoothing(model: nn.Module, stats: CalibStats, menus: dict[str, Seque
         elif not all(name in stats.gram_key for name in group.consumers):
             continue                    # an input too wide for a Gram (gram_max_dim): no exact error to steer by
         else:
-            prepared = consumer_rows(model, stats, group)
+            prepared = consumer_rows(model, stats, group, device)
             base = {t: consumer_errors(model, stats, group, None, t, prepared) for t in types}
             candidates = {}
             for alpha in alpha_grid:
