@@ -60,16 +60,20 @@ def test_k_quant_block_columns_are_the_whole_rows_quantization(qtype):
     assert block_column_bytes(w, qtype) == qu.quantize(w, qtype, torch.ones(512))
 
 
-@pytest.mark.parametrize("qtype, at_most", [("Q3_K", 0.7), ("Q6_K", 0.7), ("IQ4_NL", 0.6), ("Q5_1", 0.6)])
-def test_feedback_lowers_the_output_error_below_ggml_with_the_imatrix(qtype, at_most):
-    """Rows of 1536 (6 K-blocks, 48 32-blocks): measured 0.63/0.60 of ggml's error for Q3_K/Q6_K and 0.50/0.50
-    for IQ4_NL/Q5_1 (the more blocks come after, the more of an error the later columns absorb)."""
+@pytest.mark.parametrize("qtype, damp, at_most", [
+    ("Q3_K", 0.01, 0.6), ("Q6_K", 0.01, 0.6), ("IQ4_NL", 0.01, 0.5), ("Q5_1", 0.01, 0.5),
+    ("Q3_K", gptq.DAMP, 0.8), ("Q6_K", gptq.DAMP, 0.8), ("IQ4_NL", gptq.DAMP, 0.8), ("Q5_1", gptq.DAMP, 0.8)])
+def test_feedback_lowers_the_output_error_below_ggml_with_the_imatrix(qtype, damp, at_most):
+    """Rows of 1536 (6 K-blocks, 48 32-blocks), the error on the Gram the feedback was fitted to: with GPTQ's
+    dampening 0.01, measured 0.50/0.49 of ggml's error for Q3_K/Q6_K and 0.41/0.42 for IQ4_NL/Q5_1 (the more
+    blocks come after, the more of an error the later columns absorb); with the default 0.3, which trades some of
+    this in-sample gain for a fit that carries over to other text, 0.74/0.74 and 0.70/0.70."""
     n = 1536
     gram = correlated_gram(n)
     w = weight(64, n)
     imatrix = torch.diagonal(gram).float()
     plain = output_error(w, qu.fake_quantize(w.numpy(), qtype, imatrix), gram)
-    feedback = gptq.feedback_factor(gram, qu.get_type(qtype).block_size)
+    feedback = gptq.feedback_factor(gram, qu.get_type(qtype).block_size, damp)
     ours = output_error(w, qu.dequantize(gptq.quantize(w, qtype, feedback), qtype, w.shape), gram)
     assert ours < at_most * plain
 
